@@ -1,0 +1,174 @@
+"""Typed, frozen configuration for the backbone, the adapter and training.
+
+Every design choice that is ours rather than the paper's (see DESIGN.md §1) is a field here, so that
+ablations can switch it off and measure it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+__all__ = [
+    "AdapterConfig",
+    "BackboneConfig",
+    "ModelConfig",
+    "PromptConfig",
+    "RankSelectorConfig",
+    "TrainConfig",
+    "parse_config",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        # Callers catch one library error type, not pydantic's.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+class BackboneConfig(_Frozen):
+    """Which timm Vision Transformer to wrap and where its weights come from.
+
+    ``weights``: ``pretrained`` uses timm's own download path (needs the internet or a warm cache),
+    ``file`` loads ``weights_path`` (safetensors, or .pth/.npz read without pickle), ``random`` keeps
+    timm's random initialisation and must be asked for explicitly.
+    """
+
+    name: str = "vit_base_patch16_224.augreg_in21k"
+    weights: Literal["pretrained", "file", "random"] = "pretrained"
+    weights_path: Path | None = None
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Overrides of timm's data config (e.g. mean=(0,0,0), std=(1,1,1) to match InfLoRA's protocol).
+    data_config_overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _weights_path_matches_source(self) -> BackboneConfig:
+        if self.weights == "file" and self.weights_path is None:
+            raise ValueError("weights='file' needs weights_path")
+        if self.weights != "file" and self.weights_path is not None:
+            raise ValueError("weights_path is only used with weights='file'")
+        return self
+
+
+QKV_PARTS = ("q", "k", "v")
+
+
+class AdapterConfig(_Frozen):
+    """F-LoRA layers: which matrices, which rank, and how bases and task factors train."""
+
+    # Module-name suffixes; ``attn.qkv[q]`` adapts only the query rows of the fused qkv projection.
+    targets: tuple[str, ...] = ("attn.qkv[q]", "attn.qkv[k]", "attn.qkv[v]")
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    # first_task: bases A, B train on the first task, then freeze (FM-LoRA). every_task: plain LoRA.
+    train_bases: Literal["first_task", "every_task"] = "first_task"
+    # False disables M_t, N_t and folding: the adapter is then ordinary LoRA B A (sequential baseline).
+    task_factors: bool = True
+    # Std of M_t's entries for tasks after the first, in units of 1/sqrt(rank).
+    factor_init_scale: float = Field(1.0, gt=0)
+
+    @field_validator("targets")
+    @classmethod
+    def _valid_targets(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+        if not targets:
+            raise ValueError("at least one adapter target is required")
+        for target in targets:
+            name, _, part = target.partition("[")
+            if not name or (part and part.rstrip("]") not in QKV_PARTS) or (part and not part.endswith("]")):
+                raise ValueError(f"bad adapter target {target!r}; use e.g. 'attn.proj' or 'attn.qkv[q]'")
+        if len(set(targets)) != len(targets):
+            raise ValueError("adapter targets must be unique")
+        return targets
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class RankSelectorConfig(_Frozen):
+    """Dynamic rank selection (DRS): a prior from task complexity/novelty, Gumbel-Softmax over ranks."""
+
+    enabled: bool = True
+    # Candidate ranks as fractions of AdapterConfig.rank.
+    candidates: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    complexity_weight: float = Field(0.7, ge=0)
+    novelty_weight: float = Field(0.3, ge=0)
+    # How sharply the prior prefers the candidate nearest the task's target capacity.
+    prior_sharpness: float = Field(8.0, gt=0)
+    tau_start: float = Field(1.0, gt=0)
+    tau_end: float = Field(0.1, gt=0)
+    # Weight of the expected-rank penalty (fraction of the full rank) in the loss.
+    rank_penalty: float = Field(0.0, ge=0)
+
+    @field_validator("candidates")
+    @classmethod
+    def _valid_candidates(cls, candidates: tuple[float, ...]) -> tuple[float, ...]:
+        if not candidates or any(not 0 < c <= 1 for c in candidates):
+            raise ValueError("rank candidates must be fractions in (0, 1]")
+        return tuple(sorted(set(candidates)))
+
+
+class PromptConfig(_Frozen):
+    """Dynamic meta-prompts (DMP): a fixed bank of prefix key/value prompts mixed per input."""
+
+    enabled: bool = True
+    bank_size: int = Field(8, ge=1)
+    length: int = Field(8, ge=1)
+    # Blocks [start_block, end_block) receive prefixes; None picks block 1 .. half the depth.
+    start_block: int | None = Field(None, ge=0)
+    end_block: int | None = Field(None, ge=1)
+    temperature: float = Field(0.1, gt=0)
+    # Penalty on squared drift of the bank and its keys from their values before the current task.
+    drift_penalty: float = Field(1.0, ge=0)
+    init_std: float = Field(0.02, gt=0)
+
+    def block_range(self, depth: int) -> tuple[int, int]:
+        start = 1 if self.start_block is None else self.start_block
+        end = max(start + 1, 1 + (depth - 1) // 2) if self.end_block is None else self.end_block
+        if not 0 <= start < end <= depth:
+            raise ConfigError(f"prompt blocks [{start}, {end}) do not fit a backbone of depth {depth}")
+        return start, end
+
+
+class ModelConfig(_Frozen):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    rank_selector: RankSelectorConfig = Field(default_factory=RankSelectorConfig)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    head_init_std: float = Field(0.02, gt=0)
+
+
+class TrainConfig(_Frozen):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    min_lr_fraction: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    device: str = "cpu"
+    # bfloat16 autocast speeds up CPUs with AVX512-BF16 and every recent GPU; None trains in fp32.
+    autocast_dtype: Literal["bfloat16", "float16"] | None = None
+    eval_batch_size: int = Field(128, ge=1)
+    progress_bar: bool = True
+
+
+def parse_config(model: type[_Frozen], data: dict[str, Any]) -> Any:
+    """Validate a plain dict into a config, raising ConfigError with pydantic's explanation."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,70 @@
+"""Typed errors for every failure a caller of the library can cause.
+
+Callers (the server, the worker, the CLI) map these to user-facing messages; the messages are written
+for the person who has to act on them.
+"""
+
+from __future__ import annotations
+
+
+class FmloraError(Exception):
+    """Base of every error the library raises on purpose."""
+
+
+class ConfigError(FmloraError, ValueError):
+    """A configuration value is invalid or inconsistent with the model."""
+
+
+class BackboneError(FmloraError):
+    """The backbone cannot be created or its weights cannot be loaded."""
+
+
+class WeightsNotFoundError(BackboneError, FileNotFoundError):
+    """A local backbone weight file does not exist or has an unsupported format."""
+
+
+class InjectionError(FmloraError):
+    """Adapter targets do not match the backbone's modules."""
+
+
+class AdapterStateError(FmloraError, RuntimeError):
+    """An adapter operation was called in the wrong state (e.g. folding with no task in progress)."""
+
+
+class TaskError(FmloraError, ValueError):
+    """A task's definition is invalid: empty, duplicate or unknown classes, bad kind."""
+
+
+class UnknownTaskError(TaskError, KeyError):
+    """A task name was given that the model has not learned."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PromptError(FmloraError, ValueError):
+    """A meta-prompt selection is malformed."""
+
+
+class SnapshotError(FmloraError):
+    """Base of snapshot failures; raised before any model state is modified."""
+
+
+class SnapshotFormatError(SnapshotError):
+    """The snapshot directory is incomplete or its files do not follow the format."""
+
+
+class SnapshotIntegrityError(SnapshotError):
+    """The tensor file does not match the sha256 recorded in the manifest."""
+
+
+class SnapshotCompatibilityError(SnapshotError):
+    """The snapshot was made for another backbone, adapter layout or format version."""
+
+
+class SnapshotExistsError(SnapshotError, FileExistsError):
+    """Publishing would overwrite an existing (immutable) snapshot."""
+
+
+class DataError(FmloraError, ValueError):
+    """Input data is malformed (wrong shape, dtype, empty split)."""

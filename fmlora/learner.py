@@ -1,0 +1,183 @@
+"""Learning one task at a time: measure it, train it, fold it, report it."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import ImageSet, TaskData, batches
+from .metrics import AccuracyMatrix
+from .model import FMLoRAModel, TaskRecord
+from .rank_selector import task_complexity, task_novelty
+
+__all__ = ["Learner", "TaskReport", "TrainingProgress", "evaluate"]
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    task: str
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+
+
+class TaskReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    task: TaskRecord
+    epochs: int
+    steps: int
+    final_loss: float
+    seconds: float
+    trainable_parameters: int
+    prior_expected_rank: float
+
+
+ProgressCallback = Callable[[TrainingProgress], None]
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> Any:
+    if config.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, config.autocast_dtype))
+
+
+@torch.no_grad()
+def _collect(
+    model: FMLoRAModel, data: ImageSet, batch_size: int, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    out = [fn(model.preprocessor(x).to(model.device)).float().cpu() for x, _ in batches(data, batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(model: FMLoRAModel, data: ImageSet, prompts: Any = "auto", batch_size: int = 128) -> float:
+    """Top-1 accuracy over all classes the model knows (no task id given)."""
+    model.eval()
+    head_index = torch.tensor([model.head.index_of(c) for c in data.classes], dtype=torch.long)
+    correct = 0
+    for x, y in batches(data, batch_size):
+        logits = model(model.preprocessor(x).to(model.device), prompts)
+        correct += int((logits.argmax(dim=-1).cpu() == head_index[y]).sum())
+    return correct / len(data)
+
+
+class Learner:
+    def __init__(self, config: TrainConfig | None = None):
+        self.config = config or TrainConfig()
+
+    def learn_task(self, model: FMLoRAModel, task: TaskData, progress: ProgressCallback | None = None) -> TaskReport:
+        """Train ``model`` on ``task`` and fold it in; the model is then ready to serve or save."""
+        cfg = self.config
+        started = time.perf_counter()
+        device = torch.device(cfg.device)
+        model.to(device)
+        seed = cfg.seed * 1_000_003 + len(model.tasks)
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # Gumbel noise draws from the global generator
+
+        model.eval()
+        features = _collect(model, task.train, cfg.eval_batch_size, model.backbone_features)
+        complexity = task_complexity(features)
+        novelty = task_novelty(features.mean(0), model.task_feature_means.cpu())
+        model.begin_task(task.name, task.kind, task.classes, complexity, novelty, generator=generator)
+        prior_rank = model.rank_selector.expected_rank()
+
+        allowed = model.training_logit_mask().to(device)
+        column = torch.full((len(allowed),), -1, dtype=torch.long)
+        column[allowed.cpu()] = torch.arange(int(allowed.sum()))
+        target_of = column[[model.head.index_of(c) for c in task.classes]]
+
+        params = model.trainable_parameters()
+        optimizer_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        optimizer = optimizer_cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(total))
+
+        step, loss_value = 0, float("nan")
+        bar = tqdm(total=total, desc=f"task {task.name}", disable=not cfg.progress_bar, leave=False)
+        try:
+            for epoch in range(cfg.epochs):
+                model.train()
+                for images, labels in batches(task.train, cfg.batch_size, shuffle=True, generator=generator):
+                    model.rank_selector.anneal(step / max(1, total - 1))
+                    x = model.preprocessor(images).to(device)
+                    with _autocast(cfg, device):
+                        logits = model(x)[:, allowed]
+                    loss = F.cross_entropy(
+                        logits.float(), target_of[labels].to(device), label_smoothing=cfg.label_smoothing
+                    )
+                    loss = loss + model.regularization()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    loss_value = float(loss.detach())
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.3f}")
+                    if progress is not None:
+                        progress(TrainingProgress(task.name, epoch + 1, cfg.epochs, step, total, loss_value))
+        finally:
+            bar.close()
+        model.eval()
+        record = model.end_task(features.mean(0))
+        if model.prompt_bank is not None:
+            queries = _collect(model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).query)
+            model.set_task_key(task.name, queries.mean(0))
+        return TaskReport(
+            task=record,
+            epochs=cfg.epochs,
+            steps=step,
+            final_loss=loss_value,
+            seconds=time.perf_counter() - started,
+            trainable_parameters=sum(p.numel() for p in params),
+            prior_expected_rank=prior_rank,
+        )
+
+    def _lr_lambda(self, total: int) -> Callable[[int], float]:
+        warmup = int(self.config.warmup_fraction * total)
+        floor = self.config.min_lr_fraction
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        return factor
+
+    def learn_stream(
+        self,
+        model: FMLoRAModel,
+        tasks: Sequence[TaskData],
+        progress: ProgressCallback | None = None,
+        on_task_end: Callable[[int, TaskReport, AccuracyMatrix], None] | None = None,
+    ) -> tuple[AccuracyMatrix, list[TaskReport]]:
+        """Learn tasks in order; after each, evaluate every task seen so far (one accuracy-matrix row)."""
+        matrix = AccuracyMatrix()
+        reports: list[TaskReport] = []
+        for t, task in enumerate(tasks):
+            report = self.learn_task(model, task, progress)
+            reports.append(report)
+            seen = tasks[: t + 1]
+            row = [evaluate(model, s.test, batch_size=self.config.eval_batch_size) for s in seen]
+            matrix.add_row(row, [len(s.test) for s in seen])
+            if on_task_end is not None:
+                on_task_end(t, report, matrix)
+        return matrix, reports
