@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,7 +78,9 @@ def run_benchmark(
                 name: str = f"{method}-seed{seed}",
                 sizes: list[int] = adapter_bytes,
             ) -> None:
-                sizes.append(save_snapshot(model, out / "snapshots" / f"{name}-task{t}").adapter_bytes)
+                # Measured from a real snapshot file, then discarded: a benchmark publishes nothing.
+                with tempfile.TemporaryDirectory() as scratch:
+                    sizes.append(save_snapshot(model, Path(scratch) / f"{name}-task{t}").adapter_bytes)
 
             matrix, reports = learner.learn_stream(model, tasks, on_task_end=measure)
             results.append(

@@ -1,0 +1,52 @@
+import torch
+
+from fmlora import FMLoRAModel, ImageSet, Learner, TaskData, TrainConfig, make_synthetic_stream
+from tests.conftest import tiny_config
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(epochs=2, batch_size=8, lr=5e-3, progress_bar=False, **kw)
+
+
+def test_progress_callback_sees_every_step_and_loss_falls():
+    torch.manual_seed(0)
+    model = FMLoRAModel(tiny_config())
+    task = make_synthetic_stream(num_tasks=1, classes_per_task=3, train_per_class=8, test_per_class=2)[0]
+    seen = []
+    report = Learner(_cfg()).learn_task(model, task, seen.append)
+    assert [p.step for p in seen] == list(range(1, 7)) and seen[-1].steps == 6
+    assert {p.epoch for p in seen} == {1, 2} and all(p.task == task.name for p in seen)
+    assert report.steps == 6 and report.final_loss == seen[-1].loss
+    assert seen[-1].loss < seen[0].loss
+    assert model.tasks[0].name == task.name and not model.task_in_progress
+
+
+def test_training_is_deterministic_for_a_seed():
+    task = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=6, test_per_class=2)[0]
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = FMLoRAModel(tiny_config())
+        Learner(_cfg(seed=3)).learn_task(model, task)
+        outs.append(model.adapter_tensors())
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_domain_task_reuses_classes_and_trains_shared_rows():
+    torch.manual_seed(0)
+    model = FMLoRAModel(tiny_config())
+    first = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=6, test_per_class=2, seed=0)[0]
+    Learner(_cfg()).learn_task(model, first)
+    other = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=6, test_per_class=2, seed=5)[0]
+    domain = TaskData("domain2", "domain", other.train, other.test)  # same class names, new appearance
+    before = model.head.weight.clone()
+    report = Learner(_cfg()).learn_task(model, domain)
+    assert model.labels == list(first.classes)
+    assert report.task.new_classes == () and not torch.equal(model.head.weight, before)
+
+
+def test_image_set_concat_unions_classes():
+    a = ImageSet(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ("x", "y"))
+    b = ImageSet(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([0]), ("z",))
+    joined = ImageSet.concat([a, b])
+    assert joined.classes == ("x", "y", "z") and joined.labels.tolist() == [0, 1, 2]
