@@ -38,7 +38,14 @@ class IncrementalHead(nn.Module):
         except ValueError:
             raise TaskError(f"unknown class {label!r}") from None
 
-    def begin_task(self, task: str, classes: Sequence[str], kind: str, train_old_rows: bool) -> list[str]:
+    def begin_task(
+        self,
+        task: str,
+        classes: Sequence[str],
+        kind: str,
+        train_old_rows: bool,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
         """Add the task's new classes as trainable rows; returns the classes that were new.
 
         ``train_old_rows``: domain-incremental tasks retrain the shared rows of the classes they reuse.
@@ -48,8 +55,9 @@ class IncrementalHead(nn.Module):
         if kind == "class" and len(new) != len(classes):
             known = sorted(set(classes) - set(new))
             raise TaskError(f"class-incremental task {task!r} repeats known classes: {known}")
-        weight = torch.randn(len(new), self.in_features, device=self.frozen_weight.device) * self.init_std
-        bias = torch.zeros(len(new), device=self.frozen_weight.device)
+        like = {"device": self.frozen_weight.device, "dtype": self.frozen_weight.dtype}
+        weight = (torch.randn(len(new), self.in_features, generator=generator) * self.init_std).to(**like)
+        bias = torch.zeros(len(new), **like)
         if train_old_rows:
             weight = torch.cat([self.frozen_weight, weight])
             bias = torch.cat([self.frozen_bias, bias])
@@ -82,6 +90,10 @@ class IncrementalHead(nn.Module):
         if self.num_classes == 0:
             raise TaskError("the model has learned no classes yet")
         return nn.functional.linear(features, self.weight.to(features.dtype), self.bias.to(features.dtype))
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+        """Everything needed to restore the head exactly (see ``load``)."""
+        return self.weight.detach().clone(), self.bias.detach().clone(), list(self.labels), list(self.label_tasks)
 
     def load(self, weight: torch.Tensor, bias: torch.Tensor, labels: list[str], label_tasks: list[str]) -> None:
         self.frozen_weight = weight.detach().clone()

@@ -16,23 +16,41 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._threadlocal import PerThread
 from .config import QKV_PARTS, AdapterConfig
 from .errors import AdapterStateError, InjectionError
 
-__all__ = ["AdaptedLinear", "FLoRAAdapter", "GateState", "inject_adapters", "parse_target"]
+__all__ = ["AdaptedLinear", "AdapterRuntime", "FLoRAAdapter", "inject_adapters", "parse_target"]
 
 
-@dataclass
-class GateState:
-    """The current task's rank gate, shared by every adapter of a model (None: all ranks on)."""
+class AdapterRuntime(PerThread):
+    """Switches shared by every adapter of one model, private to each thread.
 
-    value: torch.Tensor | None = None
+    ``gate``: the current task's rank gate (None: all ranks on). ``bare``: adapters off, so one thread
+    can measure the frozen backbone while another serves.
+    """
+
+    @property
+    def gate(self) -> torch.Tensor | None:
+        return self.get("gate")
+
+    @gate.setter
+    def gate(self, value: torch.Tensor | None) -> None:
+        self.set("gate", value)
+
+    @property
+    def bare(self) -> bool:
+        return bool(self.get("bare", False))
+
+    @bare.setter
+    def bare(self, value: bool) -> None:
+        self.set("bare", value)
 
 
 class FLoRAAdapter(nn.Module):
     """The low-rank path of one weight matrix (or one q/k/v slice of a fused qkv matrix)."""
 
-    def __init__(self, in_features: int, out_features: int, config: AdapterConfig, gate: GateState):
+    def __init__(self, in_features: int, out_features: int, config: AdapterConfig, runtime: AdapterRuntime):
         super().__init__()
         r = config.rank
         self.rank = r
@@ -45,8 +63,8 @@ class FLoRAAdapter(nn.Module):
         self.register_buffer("core", torch.zeros(r, r))
         self.factor_M: nn.Parameter | None = None
         self.factor_N: nn.Parameter | None = None
-        # Plain attribute: every adapter of a model shares one gate object.
-        self._gate = gate
+        # Plain attribute: every adapter of a model shares one runtime object.
+        self._runtime = runtime
 
     @property
     def has_task(self) -> bool:
@@ -56,22 +74,22 @@ class FLoRAAdapter(nn.Module):
         """Create this task's factors so that the update starts where the last task ended."""
         if not self.task_factors_enabled:
             return
-        r, device = self.rank, self.core.device
+        r, like = self.rank, {"device": self.core.device, "dtype": self.core.dtype}
         if first:
             # B = 0 keeps the model unchanged; M = N = I keeps gradients flowing into A and B.
-            m = torch.eye(r, device=device)
-            n = torch.eye(r, device=device)
+            m = torch.eye(r, **like)
+            n = torch.eye(r, **like)
         else:
             # N = 0: the new task starts with zero update; a random M lets N's gradient be non-zero.
-            m = torch.randn(r, r, generator=generator).to(device) * (self.factor_init_scale / math.sqrt(r))
-            n = torch.zeros(r, r, device=device)
+            m = (torch.randn(r, r, generator=generator) * (self.factor_init_scale / math.sqrt(r))).to(**like)
+            n = torch.zeros(r, r, **like)
         self.factor_M = nn.Parameter(m)
         self.factor_N = nn.Parameter(n)
 
     def task_core(self, gate: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.factor_M is None:
             return None
-        gate = self._gate.value if gate is None else gate
+        gate = self._runtime.gate if gate is None else gate
         m = self.factor_M if gate is None else self.factor_M * gate.to(self.factor_M.dtype)
         return m @ self.factor_N
 
@@ -112,9 +130,10 @@ def parse_target(target: str) -> tuple[str, str | None]:
 class AdaptedLinear(nn.Module):
     """A frozen nn.Linear plus F-LoRA adapters on all of its output rows or on q/k/v slices."""
 
-    def __init__(self, base: nn.Linear, parts: list[str | None], config: AdapterConfig, gate: GateState):
+    def __init__(self, base: nn.Linear, parts: list[str | None], config: AdapterConfig, runtime: AdapterRuntime):
         super().__init__()
         self.base = base
+        self._runtime = runtime
         self.adapters = nn.ModuleDict()
         self.slices: dict[str, tuple[int, int]] = {}
         out_features = base.out_features
@@ -129,16 +148,16 @@ class AdaptedLinear(nn.Module):
                 key, start, stop = part, index * width, (index + 1) * width
             if key in self.adapters:
                 raise InjectionError(f"adapter part {key!r} given twice for one module")
-            self.adapters[key] = FLoRAAdapter(base.in_features, stop - start, config, gate)
+            self.adapters[key] = FLoRAAdapter(base.in_features, stop - start, config, runtime)
             self.slices[key] = (start, stop)
         if "all" in self.adapters and len(self.adapters) > 1:
             raise InjectionError("a module cannot be adapted both whole and by q/k/v parts")
-        self.enabled = True
-        self._merged_weight: torch.Tensor | None = None
+        # A buffer so that .to(device/dtype) moves it; never saved: it is derived.
+        self.register_buffer("merged_weight", None, persistent=False)
 
     @property
     def merged(self) -> bool:
-        return self._merged_weight is not None
+        return self.merged_weight is not None
 
     def get_delta_weight(self) -> torch.Tensor:
         delta = torch.zeros_like(self.base.weight)
@@ -150,16 +169,16 @@ class AdaptedLinear(nn.Module):
     def merge(self) -> None:
         """Serve from W0 + delta in one matmul; W0 itself stays untouched. Idempotent."""
         with torch.no_grad():
-            self._merged_weight = self.base.weight + self.get_delta_weight()
+            self.merged_weight = self.base.weight + self.get_delta_weight()
 
     def unmerge(self) -> None:
-        self._merged_weight = None
+        self.merged_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if self._runtime.bare:
             return self.base(x)
-        if self._merged_weight is not None:
-            return F.linear(x, self._merged_weight.to(x.dtype), self.base.bias)
+        if self.merged_weight is not None:
+            return F.linear(x, self.merged_weight.to(x.dtype), self.base.bias)
         out = self.base(x)
         pieces: list[torch.Tensor] = []
         cursor = 0
@@ -180,7 +199,7 @@ class _Match:
     parts: list[str | None] = field(default_factory=list)
 
 
-def inject_adapters(model: nn.Module, config: AdapterConfig, gate: GateState) -> dict[str, AdaptedLinear]:
+def inject_adapters(model: nn.Module, config: AdapterConfig, runtime: AdapterRuntime) -> dict[str, AdaptedLinear]:
     """Wrap every nn.Linear whose name ends with a target; returns them by module name."""
     matches: dict[str, _Match] = {}
     linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -195,7 +214,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, gate: GateState) ->
     for name, match in matches.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped = AdaptedLinear(getattr(parent, child), match.parts, config, gate)
+        wrapped = AdaptedLinear(getattr(parent, child), match.parts, config, runtime)
         setattr(parent, child, wrapped)
         injected[name] = wrapped
     return injected

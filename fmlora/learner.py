@@ -84,15 +84,32 @@ class Learner:
         started = time.perf_counter()
         device = torch.device(cfg.device)
         model.to(device)
-        seed = cfg.seed * 1_000_003 + len(model.tasks)
-        generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # Gumbel noise draws from the global generator
+        # One private generator drives shuffling, factor/head init and Gumbel noise: runs are
+        # reproducible without touching the process-global RNG (which a server shares).
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + len(model.tasks))
 
         model.eval()
         features = _collect(model, task.train, cfg.eval_batch_size, model.backbone_features)
         complexity = task_complexity(features)
         novelty = task_novelty(features.mean(0), model.task_feature_means.cpu())
         model.begin_task(task.name, task.kind, task.classes, complexity, novelty, generator=generator)
+        try:
+            return self._train_and_fold(model, task, features, generator, started, progress)
+        except BaseException:
+            model.abort_task()  # a failed or interrupted task leaves no trace
+            raise
+
+    def _train_and_fold(
+        self,
+        model: FMLoRAModel,
+        task: TaskData,
+        features: torch.Tensor,
+        generator: torch.Generator,
+        started: float,
+        progress: ProgressCallback | None,
+    ) -> TaskReport:
+        cfg = self.config
+        device = model.device
         prior_rank = model.rank_selector.expected_rank()
 
         allowed = model.training_logit_mask().to(device)
@@ -108,7 +125,7 @@ class Learner:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(total))
 
         step, loss_value = 0, float("nan")
-        bar = tqdm(total=total, desc=f"task {task.name}", disable=not cfg.progress_bar, leave=False)
+        bar = tqdm(total=total, desc=f"task {task.name}", disable=None if cfg.progress_bar else True, leave=False)
         try:
             for epoch in range(cfg.epochs):
                 model.train()
@@ -136,10 +153,12 @@ class Learner:
         finally:
             bar.close()
         model.eval()
-        record = model.end_task(features.mean(0))
+        task_key = None
         if model.prompt_bank is not None:
+            # In eval mode the hard-gated live factors give the same outputs as the folded core.
             queries = _collect(model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).query)
-            model.set_task_key(task.name, queries.mean(0))
+            task_key = queries.mean(0)
+        record = model.end_task(features.mean(0), task_key)
         return TaskReport(
             task=record,
             epochs=cfg.epochs,

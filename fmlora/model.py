@@ -13,9 +13,9 @@ from torch import nn
 
 from .backbone import Preprocessor, create_backbone, weights_fingerprint
 from .config import ModelConfig
-from .errors import AdapterStateError, ConfigError, TaskError
+from .errors import AdapterStateError, DataError, PromptError, TaskError, UnknownTaskError
 from .head import IncrementalHead
-from .layers import AdaptedLinear, GateState, inject_adapters
+from .layers import AdaptedLinear, AdapterRuntime, inject_adapters
 from .prompts import PrefixAttention, PromptBank, PromptChoice, PromptRouting
 from .rank_selector import RankSelector
 
@@ -74,8 +74,8 @@ class FMLoRAModel(nn.Module):
         attn_dim = int(first_attn.qkv.out_features // 3) if hasattr(first_attn, "qkv") else self.embed_dim
         self.has_class_token = getattr(backbone, "cls_token", None) is not None
 
-        self.gate = GateState()
-        self.adapted: dict[str, AdaptedLinear] = inject_adapters(backbone, config.adapter, self.gate)
+        self.runtime = AdapterRuntime()
+        self.adapted: dict[str, AdaptedLinear] = inject_adapters(backbone, config.adapter, self.runtime)
         self.backbone = backbone
         self.rank_selector = RankSelector(config.adapter.rank, config.rank_selector)
         self.prompt_bank: PromptBank | None = None
@@ -90,8 +90,8 @@ class FMLoRAModel(nn.Module):
         self.register_buffer("task_feature_means", torch.zeros(0, self.embed_dim))
         self.tasks: list[TaskRecord] = []
         self._task: _TaskInProgress | None = None
-        self._prompts_on = True
-        self._set_trainable(bases=True, prompts=False)
+        self._rollback: dict[str, Any] | None = None
+        self._set_trainable(bases=False, prompts=False)
 
     # -- modes ---------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> FMLoRAModel:
@@ -103,17 +103,23 @@ class FMLoRAModel(nn.Module):
 
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
-        """The bare backbone: no F-LoRA update and no meta-prompts."""
-        previous = self._prompts_on
-        for layer in self.adapted.values():
-            layer.enabled = False
-        self._prompts_on = False
+        """The bare backbone in this thread: no F-LoRA update and no meta-prompts."""
+        previous = self.runtime.bare
+        self.runtime.bare = True
         try:
             yield
         finally:
-            for layer in self.adapted.values():
-                layer.enabled = True
-            self._prompts_on = previous
+            self.runtime.bare = previous
+
+    @contextmanager
+    def prompts_disabled(self) -> Iterator[None]:
+        """Adapters on, meta-prompts off, in this thread (the prompt-free forward)."""
+        previous = self.runtime.get("prompts_off", False)
+        self.runtime.set("prompts_off", True)
+        try:
+            yield
+        finally:
+            self.runtime.set("prompts_off", previous)
 
     @property
     def task_in_progress(self) -> bool:
@@ -138,30 +144,53 @@ class FMLoRAModel(nn.Module):
     def _choices(self, prompts: Any, batch: int) -> list[PromptChoice]:
         if prompts is None or isinstance(prompts, (str, dict, PromptChoice)):
             choices = [PromptChoice.parse(prompts)] * batch
-        else:
+        elif isinstance(prompts, (list, tuple)):
             choices = [PromptChoice.parse(p) for p in prompts]
             if len(choices) != batch:
-                raise ConfigError(f"{len(choices)} prompt choices for a batch of {batch}")
+                raise PromptError(f"{len(choices)} prompt choices for a batch of {batch}")
+        else:
+            raise PromptError(f"prompts must be one choice or a list of choices, got {type(prompts).__name__}")
         if self.prompt_bank is not None:
             self.prompt_bank.validate_choices(choices)
+        else:
+            known = {t.name for t in self.tasks}
+            for choice in choices:
+                if choice.mode == "task" and choice.task not in known:
+                    raise UnknownTaskError(f"unknown task {choice.task!r} for prompt selection")
         return choices
 
     def _update_gate(self) -> None:
         if self._task is None or not self.rank_selector.enabled:
-            self.gate.value = None
+            self.runtime.gate = None
         elif self.training:
-            self.gate.value = self.rank_selector.sample_gate()
+            self.runtime.gate = self.rank_selector.sample_gate()
         else:
-            self.gate.value = self.rank_selector.hard_gate()
+            self.runtime.gate = self.rank_selector.hard_gate()
+
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.preprocessor.input_size
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != size:
+            raise DataError(
+                f"expected preprocessed images of shape (N, 3, {size[0]}, {size[1]}), got {tuple(images.shape)}"
+            )
+        if not images.is_floating_point():
+            raise DataError(f"expected float images (use model.preprocessor on uint8 images), got {images.dtype}")
+        if images.shape[0] == 0:
+            raise DataError("empty batch")
+        weight_dtype = self.head.frozen_weight.dtype
+        # A model cast to bf16/fp16 takes float32 input from the preprocessor; autocast needs no cast.
+        return images if torch.is_autocast_enabled() else images.to(weight_dtype)
 
     def forward_detailed(self, images: torch.Tensor, prompts: Any = None) -> ModelOutput:
         """Logits plus the meta-prompt each input used. ``images`` are preprocessed float tensors.
 
         ``prompts``: one choice for the whole batch ('auto', 'none', {'task': NAME}) or one per input.
         """
+        images = self._check_images(images)
         batch = images.shape[0]
         choices = self._choices(prompts, batch)
-        bank = self.prompt_bank if self._prompts_on else None
+        prompts_off = self.runtime.bare or self.runtime.get("prompts_off", False)
+        bank = None if prompts_off else self.prompt_bank
         routing = None
         if bank is not None:
             active = torch.tensor([c.mode != "none" for c in choices], dtype=torch.bool)
@@ -251,12 +280,22 @@ class FMLoRAModel(nn.Module):
         if not classes or len(set(classes)) != len(classes):
             raise TaskError(f"task {name!r} needs a non-empty list of distinct classes")
         first = not self.tasks
-        new_classes = tuple(self.head.begin_task(name, classes, kind, train_old_rows=(kind == "domain")))
+        self._rollback = {
+            "bases": [(a.lora_A.detach().clone(), a.lora_B.detach().clone()) for a in self._adapters()],
+            "head": self.head.state(),
+            "rank_logits": self.rank_selector.logits.detach().clone(),
+            "bank": None
+            if self.prompt_bank is None
+            else (self.prompt_bank.prompts.detach().clone(), self.prompt_bank.keys.detach().clone()),
+        }
+        new_classes = tuple(
+            self.head.begin_task(name, classes, kind, train_old_rows=(kind == "domain"), generator=generator)
+        )
         for adapter in self._adapters():
             adapter.begin_task(first, generator)
         train_bases = first or self.config.adapter.train_bases == "every_task"
         self._set_trainable(bases=train_bases, prompts=True)
-        self.rank_selector.begin_task(complexity, novelty)
+        self.rank_selector.begin_task(complexity, novelty, generator)
         if self.prompt_bank is not None:
             self.prompt_bank.begin_task()
         self._task = _TaskInProgress(name, kind, classes, new_classes, complexity, novelty)
@@ -285,16 +324,26 @@ class FMLoRAModel(nn.Module):
         allowed = set(task.classes)
         return torch.tensor([label in allowed for label in self.head.labels], dtype=torch.bool)
 
-    def end_task(self, feature_mean: torch.Tensor) -> TaskRecord:
-        """Fix the rank, fold the task into the core, freeze everything it trained."""
+    def end_task(self, feature_mean: torch.Tensor, task_key: torch.Tensor | None = None) -> TaskRecord:
+        """Fix the rank, fold the task into the core, freeze everything it trained.
+
+        ``task_key``: the mean meta-prompt query of the task's data (required when prompts are on),
+        measured in eval mode before folding, which leaves outputs unchanged.
+        """
         task = self.current_task()
+        if self.prompt_bank is not None and task_key is None:
+            raise AdapterStateError("a model with meta-prompts needs the task's key to end the task")
+        if feature_mean.numel() != self.embed_dim or (task_key is not None and task_key.numel() != self.embed_dim):
+            raise TaskError(f"task feature mean and key need {self.embed_dim} values each")
         rank = self.rank_selector.end_task() if self.rank_selector.enabled else self.config.adapter.rank
         hard_gate = self.rank_selector.hard_gate(rank) if self.rank_selector.enabled else None
         for adapter in self._adapters():
             adapter.fold(hard_gate)
         self._set_trainable(bases=False, prompts=False)
         self.head.consolidate()
-        self.gate.value = None
+        self.runtime.gate = None
+        if self.prompt_bank is not None and task_key is not None:
+            self.prompt_bank.record_task(task.name, task_key)
         mean = feature_mean.detach().to(self.task_feature_means).reshape(1, -1)
         self.task_feature_means = torch.cat([self.task_feature_means, mean])
         record = TaskRecord(
@@ -308,13 +357,36 @@ class FMLoRAModel(nn.Module):
         )
         self.tasks.append(record)
         self._task = None
+        self._rollback = None
         return record
 
-    def set_task_key(self, name: str, key: torch.Tensor) -> None:
-        if self.prompt_bank is not None:
-            self.prompt_bank.record_task(name, key)
+    def abort_task(self) -> None:
+        """Undo a task that failed mid-way: the model is exactly as before ``begin_task``."""
+        if self._task is None or self._rollback is None:
+            raise AdapterStateError("no task in progress")
+        saved = self._rollback
+        with torch.no_grad():
+            for adapter, (a, b) in zip(self._adapters(), saved["bases"], strict=True):
+                adapter.lora_A.copy_(a)
+                adapter.lora_B.copy_(b)
+                adapter.factor_M = None
+                adapter.factor_N = None
+            self.rank_selector.logits.copy_(saved["rank_logits"])
+            if self.prompt_bank is not None and saved["bank"] is not None:
+                self.prompt_bank.prompts.copy_(saved["bank"][0])
+                self.prompt_bank.keys.copy_(saved["bank"][1])
+        self.head.load(*saved["head"])
+        self.rank_selector.abort_task()
+        self._set_trainable(bases=False, prompts=False)
+        self.runtime.gate = None
+        self._task = None
+        self._rollback = None
 
     # -- merge ---------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged for layer in self.adapted.values())
+
     def merge(self) -> None:
         if self._task is not None:
             raise AdapterStateError("cannot merge while a task is in progress")
@@ -330,6 +402,8 @@ class FMLoRAModel(nn.Module):
         """Every tensor a snapshot needs, by stable name (no task may be in progress)."""
         if self._task is not None:
             raise AdapterStateError("cannot export the adapter while a task is in progress")
+        if self.prompt_bank is not None and self.prompt_bank.task_names != [t.name for t in self.tasks]:
+            raise AdapterStateError("task keys and learned tasks disagree; end tasks with end_task(…, task_key)")
         out: dict[str, torch.Tensor] = {}
         for module_name, layer in self.adapted.items():
             for part, adapter in layer.adapters.items():
@@ -370,31 +444,34 @@ class FMLoRAModel(nn.Module):
         labels: Sequence[str],
         label_tasks: Sequence[str],
     ) -> None:
-        """Replace the whole adapter state. Callers validate shapes first (see snapshot.read_snapshot)."""
+        """Replace the whole adapter state. Callers validate first (see snapshot.check_compatible).
+
+        Every tensor is staged on the model's device and dtype before anything is assigned, so a
+        failure (e.g. out of memory) leaves the model as it was. A merged model is re-merged.
+        """
         if self._task is not None:
             raise AdapterStateError("cannot load an adapter while a task is in progress")
         expected = self.expected_tensor_shapes(len(labels), len(tasks))
         if set(tensors) != set(expected) or any(tuple(tensors[k].shape) != s for k, s in expected.items()):
-            raise ConfigError("adapter tensors do not match this model's layout")
+            raise DataError("adapter tensors do not match this model's layout")
+        dtype = self.head.frozen_weight.dtype
+        staged = {k: v.to(device=self.device, dtype=dtype, copy=True) for k, v in tensors.items()}
+        was_merged = self.merged
         self.unmerge()
-        device = self.device
         with torch.no_grad():
             for module_name, layer in self.adapted.items():
                 for part, adapter in layer.adapters.items():
                     prefix = f"adapter.{module_name}.{part}"
-                    adapter.lora_A.copy_(tensors[f"{prefix}.lora_A"])
-                    adapter.lora_B.copy_(tensors[f"{prefix}.lora_B"])
-                    adapter.core.copy_(tensors[f"{prefix}.core"])
+                    adapter.lora_A.copy_(staged[f"{prefix}.lora_A"])
+                    adapter.lora_B.copy_(staged[f"{prefix}.lora_B"])
+                    adapter.core.copy_(staged[f"{prefix}.core"])
             if self.prompt_bank is not None:
-                self.prompt_bank.prompts.copy_(tensors["prompts.bank"])
-                self.prompt_bank.keys.copy_(tensors["prompts.keys"])
-                self.prompt_bank.task_keys = tensors["prompts.task_keys"].clone().to(device)
+                self.prompt_bank.prompts.copy_(staged["prompts.bank"])
+                self.prompt_bank.keys.copy_(staged["prompts.keys"])
+                self.prompt_bank.task_keys = staged["prompts.task_keys"]
                 self.prompt_bank.task_names = [t.name for t in tasks]
-        self.task_feature_means = tensors["tasks.feature_means"].clone().to(device)
-        self.head.load(
-            tensors["head.weight"].to(device),
-            tensors["head.bias"].to(device),
-            list(labels),
-            list(label_tasks),
-        )
+        self.task_feature_means = staged["tasks.feature_means"]
+        self.head.load(staged["head.weight"], staged["head.bias"], list(labels), list(label_tasks))
         self.tasks = list(tasks)
+        if was_merged:
+            self.merge()

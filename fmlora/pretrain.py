@@ -53,7 +53,7 @@ def pretrain_backbone(
         ),
     )
     model.train()
-    for _ in tqdm(range(steps), desc="pretrain", disable=not progress_bar):
+    for _ in tqdm(range(steps), desc="pretrain", disable=None if progress_bar else True):
         index = torch.randint(0, len(data), (batch_size,), generator=generator)
         loss = F.cross_entropy(model(preprocess(data.images[index])), data.labels[index])
         optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,6 @@ its state before the current task so earlier tasks keep their prompts.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,8 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._threadlocal import PerThread
 from .config import PromptConfig
-from .errors import ConfigError, PromptError, UnknownTaskError
+from .errors import ConfigError, PromptError, TaskError, UnknownTaskError
 
 __all__ = ["PrefixAttention", "PromptBank", "PromptChoice", "PromptRouting"]
 
@@ -67,16 +67,16 @@ class PromptBank(nn.Module):
         # The bank as it was before the current task; drift from it is penalised.
         self.register_buffer("_anchor_prompts", torch.zeros(0), persistent=False)
         self.register_buffer("_anchor_keys", torch.zeros(0), persistent=False)
-        self._local = threading.local()
+        self._local = PerThread()
 
     # -- per-batch routing -------------------------------------------------------------------
     @property
     def routing(self) -> PromptRouting | None:
-        return getattr(self._local, "routing", None)
+        return self._local.get("routing")
 
     @routing.setter
     def routing(self, value: PromptRouting | None) -> None:
-        self._local.routing = value
+        self._local.set("routing", value)
 
     def task_index(self, name: str) -> int:
         try:
@@ -131,6 +131,8 @@ class PromptBank(nn.Module):
 
     def record_task(self, name: str, key: torch.Tensor) -> None:
         """Store a task's key (the mean query of its data) so requests can select it by name."""
+        if key.numel() != self.task_keys.shape[1]:
+            raise TaskError(f"a task key needs {self.task_keys.shape[1]} values, got {key.numel()}")
         key = key.detach().to(self.task_keys.dtype).reshape(1, -1)
         if name in self.task_names:
             self.task_keys[self.task_names.index(name)] = key[0]

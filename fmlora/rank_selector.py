@@ -64,6 +64,8 @@ class RankSelector(nn.Module):
         self.logits = nn.Parameter(torch.zeros(len(ranks)), requires_grad=False)
         self.temperature = config.tau_start
         self.chosen_rank: int | None = None
+        # Gumbel noise comes from the learner's generator, never from the process-global RNG.
+        self.generator: torch.Generator | None = None
 
     @property
     def enabled(self) -> bool:
@@ -85,7 +87,8 @@ class RankSelector(nn.Module):
         weights = torch.softmax((self.logits if logits is None else logits).detach(), dim=0)
         return float((weights * self.candidate_ranks.float()).sum().detach())
 
-    def begin_task(self, complexity: float, novelty: float) -> None:
+    def begin_task(self, complexity: float, novelty: float, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
         with torch.no_grad():
             self.logits.copy_(self.prior_logits(complexity, novelty))
         self.logits.requires_grad_(self.enabled)
@@ -100,8 +103,10 @@ class RankSelector(nn.Module):
 
     def sample_gate(self) -> torch.Tensor:
         """A soft gate over rank components from one Gumbel-Softmax draw (training)."""
-        weights = F.gumbel_softmax(self.logits, tau=self.temperature, hard=False)
-        return weights @ self.rank_masks
+        uniform = torch.rand(self.logits.shape, generator=self.generator).clamp_(1e-10, 1 - 1e-7)
+        gumbel = -torch.log(-torch.log(uniform)).to(self.logits.device, self.logits.dtype)
+        weights = torch.softmax((self.logits + gumbel) / self.temperature, dim=0)
+        return weights @ self.rank_masks.to(weights.dtype)
 
     def hard_gate(self, rank: int | None = None) -> torch.Tensor:
         rank = self.current_hard_rank() if rank is None else rank
@@ -120,4 +125,10 @@ class RankSelector(nn.Module):
     def end_task(self) -> int:
         self.chosen_rank = self.current_hard_rank()
         self.logits.requires_grad_(False)
+        self.generator = None
         return self.chosen_rank
+
+    def abort_task(self) -> None:
+        self.logits.requires_grad_(False)
+        self.generator = None
+        self.chosen_rank = None

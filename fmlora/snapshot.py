@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from ._version import __version__
 from .config import ModelConfig
@@ -70,8 +71,10 @@ class SnapshotManifest(BaseModel):
     format_version: int
     library_version: str
     backbone: BackboneInfo
-    # The adapter layout (the backbone's weight source is not part of it: the fingerprint is).
+    # What inference depends on; two configs with equal layouts can share snapshots.
     adapter: dict[str, Any]
+    # The full model config the snapshot was trained with, for provenance only.
+    trained_with: dict[str, Any] = Field(default_factory=dict)
     labels: list[str]
     label_tasks: list[str]
     tasks: list[TaskRecord]
@@ -101,11 +104,27 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _layout(config: ModelConfig) -> dict[str, Any]:
-    return config.model_dump(mode="json", exclude={"backbone"}) | {
+def _layout(config: ModelConfig, depth: int) -> dict[str, Any]:
+    """The settings that change what a snapshot's tensors mean (training-only settings excluded)."""
+    a, p = config.adapter, config.prompts
+    layout = {
+        "targets": list(a.targets),
+        "rank": a.rank,
+        "alpha": a.alpha,
+        "task_factors": a.task_factors,
+        "prompts": None,
         "backbone_kwargs": config.backbone.model_kwargs,
         "data_config_overrides": config.backbone.data_config_overrides,
     }
+    if p.enabled:
+        start, end = p.block_range(depth)
+        layout["prompts"] = {
+            "bank_size": p.bank_size,
+            "length": p.length,
+            "blocks": [start, end],
+            "temperature": p.temperature,
+        }
+    return json.loads(json.dumps(layout))
 
 
 def _adapter_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -157,7 +176,8 @@ def save_snapshot(
                 embed_dim=model.embed_dim,
                 depth=model.depth,
             ),
-            adapter=_layout(model.config),
+            adapter=_layout(model.config, model.depth),
+            trained_with=model.config.model_dump(mode="json"),
             labels=list(model.head.labels),
             label_tasks=list(model.head.label_tasks),
             tasks=list(model.tasks),
@@ -175,7 +195,14 @@ def save_snapshot(
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_dir(staging)
-        os.rename(staging, target)  # fails rather than replaces if target appeared meanwhile
+        # rename(2) would silently replace an empty directory created meanwhile; publishers are
+        # serialised by the registry's lock, this check catches everyone else.
+        if target.exists():
+            raise SnapshotExistsError(f"snapshot {target} appeared while it was being written")
+        try:
+            os.rename(staging, target)
+        except OSError as exc:
+            raise SnapshotExistsError(f"cannot publish {target}: {exc}") from exc
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -191,22 +218,30 @@ def read_snapshot(directory: str | Path) -> Snapshot:
         raise SnapshotFormatError(f"{path} is not a snapshot: it needs {CONFIG_FILE} and {TENSOR_FILE}")
     try:
         manifest = SnapshotManifest.model_validate_json(config_path.read_bytes())
-    except (ValidationError, ValueError) as exc:
+    except (ValidationError, ValueError, OSError) as exc:
         raise SnapshotFormatError(f"{config_path} is not a valid manifest: {exc}") from exc
     if manifest.format_version != FORMAT_VERSION:
         raise SnapshotCompatibilityError(
             f"snapshot format {manifest.format_version} is not supported (this library reads {FORMAT_VERSION})"
         )
-    actual = sha256_file(tensor_path)
+    # Hash exactly the bytes that are parsed: the file may change between two reads.
+    try:
+        data = tensor_path.read_bytes()
+    except OSError as exc:
+        raise SnapshotFormatError(f"{tensor_path} cannot be read: {exc}") from exc
+    actual = hashlib.sha256(data).hexdigest()
     if actual != manifest.tensors_sha256:
         raise SnapshotIntegrityError(
             f"{tensor_path} is corrupt or was modified: sha256 {actual[:12]}… != recorded "
             f"{manifest.tensors_sha256[:12]}…"
         )
     try:
-        tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise SnapshotFormatError(f"{tensor_path} cannot be read: {exc}") from exc
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError) as exc:
+        raise SnapshotFormatError(f"{tensor_path} cannot be parsed: {exc}") from exc
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise SnapshotFormatError(f"snapshot tensor {name} is not a finite floating-point tensor")
     if len(manifest.labels) != len(manifest.label_tasks):
         raise SnapshotFormatError("manifest labels and label_tasks differ in length")
     return Snapshot(path=path, manifest=manifest, tensors=tensors)
@@ -220,9 +255,9 @@ def check_compatible(snapshot: Snapshot, model: FMLoRAModel) -> None:
             f"snapshot was trained on backbone {m.backbone.name!r} (weights {m.backbone.weights_sha256[:12]}…), "
             f"this model runs {model.config.backbone.name!r} (weights {model.backbone_sha256[:12]}…)"
         )
-    layout = _layout(model.config)
-    if m.adapter != json.loads(json.dumps(layout)):
-        differing = sorted(k for k in layout if m.adapter.get(k) != json.loads(json.dumps(layout[k])))
+    layout = _layout(model.config, model.depth)
+    if m.adapter != layout:
+        differing = sorted(k for k in layout if m.adapter.get(k) != layout[k])
         raise SnapshotCompatibilityError(f"snapshot adapter layout differs from this model's in: {differing}")
     expected = model.expected_tensor_shapes(len(m.labels), len(m.tasks))
     missing = sorted(set(expected) - set(snapshot.tensors))

@@ -14,8 +14,7 @@ def learn_quickly(model: FMLoRAModel, name: str, classes: list[str], seed: int =
     with torch.no_grad():
         for p in model.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    model.end_task(torch.randn(model.embed_dim, generator=g))
-    model.set_task_key(name, torch.randn(model.embed_dim, generator=g))
+    model.end_task(torch.randn(model.embed_dim, generator=g), torch.randn(model.embed_dim, generator=g))
 
 
 def preprocess(model: FMLoRAModel, images: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def test_fold_preserves_outputs(tiny_model):
     x = tiny_model.preprocessor(random_images(4))
     with torch.no_grad():
         live = tiny_model(x, "none")
-    tiny_model.end_task(torch.zeros(tiny_model.embed_dim))
+    tiny_model.end_task(torch.zeros(tiny_model.embed_dim), torch.zeros(tiny_model.embed_dim))
     with torch.no_grad():
         folded = tiny_model(x, "none")
     assert (live - folded).abs().max() < 1e-5

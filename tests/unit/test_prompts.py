@@ -19,9 +19,8 @@ def test_none_equals_the_prompt_free_forward(learned):
     with torch.no_grad():
         none = learned(x, "none")
         auto = learned(x, "auto")
-        learned._prompts_on = False
-        prompt_free = learned(x)
-        learned._prompts_on = True
+        with learned.prompts_disabled():
+            prompt_free = learned(x)
     assert torch.equal(none, prompt_free)
     assert (auto - none).abs().max() > 1e-4, "prompts had no effect"
 
