@@ -11,7 +11,7 @@ from .config import (
     TrainConfig,
     parse_config,
 )
-from .data import ImageSet, TaskData, batches
+from .data import ConcatImages, FileImageSet, ImageSet, ImageSource, TaskData, batches, concat_sources
 from .errors import (
     AdapterStateError,
     BackboneError,
@@ -48,12 +48,15 @@ __all__ = [
     "AdapterStateError",
     "BackboneConfig",
     "BackboneError",
+    "ConcatImages",
     "ConfigError",
     "DataError",
     "FLoRAAdapter",
     "FMLoRAModel",
+    "FileImageSet",
     "FmloraError",
     "ImageSet",
+    "ImageSource",
     "IncrementalHead",
     "InjectionError",
     "Learner",
@@ -85,6 +88,7 @@ __all__ = [
     "apply_strategy",
     "batches",
     "check_compatible",
+    "concat_sources",
     "create_backbone",
     "evaluate",
     "inject_adapters",

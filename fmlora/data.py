@@ -1,21 +1,55 @@
-"""In-memory image tasks: what a learner trains on and evaluates with."""
+"""Labelled image sources and tasks: what a learner trains on and evaluates with.
+
+Every source yields uint8 (N, 3, H, W) batches through ``fetch``; the model's Preprocessor (timm's
+data config) normalises them. Small sets live in memory (``ImageSet``); dataset folders stay on disk
+(``FileImageSet``) and are decoded batch by batch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .errors import DataError
 
-__all__ = ["ImageSet", "TaskData", "batches"]
+__all__ = ["ConcatImages", "FileImageSet", "ImageSet", "ImageSource", "TaskData", "batches", "concat_sources"]
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """Labelled images: ``labels`` index into ``classes``; ``fetch`` returns uint8 (N, 3, H, W)."""
+
+    @property
+    def classes(self) -> tuple[str, ...]: ...
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+
+    def __len__(self) -> int: ...
+
+    def fetch(self, index: torch.Tensor) -> torch.Tensor: ...
+
+
+def _check_labels(labels: torch.Tensor, count: int, classes: tuple[str, ...]) -> None:
+    if labels.dtype != torch.long or labels.ndim != 1 or labels.shape[0] != count:
+        raise DataError("labels must be a 1-d int64 tensor with one entry per image")
+    if count == 0:
+        raise DataError("an image set needs at least one image")
+    if len(set(classes)) != len(classes):
+        raise DataError("class names must be unique")
+    if int(labels.min()) < 0 or int(labels.max()) >= len(classes):
+        raise DataError("labels must index into classes")
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """uint8 images (N, 3, H, W) with labels as indices into ``classes``."""
+    """In-memory uint8 images (N, 3, H, W) with labels as indices into ``classes``."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -24,31 +58,112 @@ class ImageSet:
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
             raise DataError(f"images must be uint8 (N, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels.ndim != 1 or self.labels.shape[0] != self.images.shape[0]:
-            raise DataError("labels must be a 1-d tensor with one entry per image")
-        if self.images.shape[0] == 0:
-            raise DataError("an image set needs at least one image")
-        if int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes):
-            raise DataError("labels must index into classes")
+        _check_labels(self.labels, int(self.images.shape[0]), self.classes)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def label_names(self) -> list[str]:
-        return [self.classes[i] for i in self.labels.tolist()]
+    def fetch(self, index: torch.Tensor) -> torch.Tensor:
+        return self.images[index]
 
     def subset(self, index: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes)
 
     @staticmethod
     def concat(sets: Sequence[ImageSet]) -> ImageSet:
-        """Join sets with different class lists into one set over the union of their classes."""
+        """Join in-memory sets with different class lists into one set over the union of classes."""
+        joined = ConcatImages(tuple(sets))
+        return ImageSet(torch.cat([s.images for s in sets]), joined.labels, joined.classes)
+
+
+def _load_rgb(path: Path, size: tuple[int, int], crop_pct: float) -> np.ndarray:
+    """Decode, resize the shorter side to size/crop_pct and centre-crop to ``size`` (timm's eval recipe)."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            height, width = size
+            scale = max(height, width) / crop_pct / min(img.size)
+            resized = img.resize(
+                (max(width, round(img.width * scale)), max(height, round(img.height * scale))),
+                Image.Resampling.BICUBIC,
+            )
+            left = (resized.width - width) // 2
+            top = (resized.height - height) // 2
+            return np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image {path}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class FileImageSet:
+    """Images on disk, decoded on demand at ``image_size`` (H, W)."""
+
+    paths: tuple[Path, ...]
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    image_size: tuple[int, int] = (224, 224)
+    crop_pct: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_labels(self.labels, len(self.paths), self.classes)
+        if not 0 < self.crop_pct <= 1:
+            raise DataError("crop_pct must be in (0, 1]")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def fetch(self, index: torch.Tensor) -> torch.Tensor:
+        arrays = [_load_rgb(self.paths[i], self.image_size, self.crop_pct) for i in index.tolist()]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def resized(self, image_size: tuple[int, int], crop_pct: float | None = None) -> FileImageSet:
+        crop = self.crop_pct if crop_pct is None else crop_pct
+        return FileImageSet(self.paths, self.labels, self.classes, tuple(image_size), crop)
+
+
+@dataclass(frozen=True)
+class ConcatImages:
+    """Several sources as one, over the union of their classes (joint training, merged splits)."""
+
+    sources: tuple[ImageSource, ...]
+    classes: tuple[str, ...] = field(init=False)
+    labels: torch.Tensor = field(init=False)
+    _offsets: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise DataError("nothing to concatenate")
         classes: list[str] = []
-        for s in sets:
+        for s in self.sources:
             classes.extend(c for c in s.classes if c not in classes)
         position = {c: i for i, c in enumerate(classes)}
-        labels = [torch.tensor([position[s.classes[i]] for i in s.labels.tolist()], dtype=torch.long) for s in sets]
-        return ImageSet(torch.cat([s.images for s in sets]), torch.cat(labels), tuple(classes))
+        labels = [torch.tensor([position[c] for c in s.classes], dtype=torch.long)[s.labels] for s in self.sources]
+        offsets = [0]
+        for s in self.sources:
+            offsets.append(offsets[-1] + len(s))
+        object.__setattr__(self, "classes", tuple(classes))
+        object.__setattr__(self, "labels", torch.cat(labels))
+        object.__setattr__(self, "_offsets", tuple(offsets))
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def fetch(self, index: torch.Tensor) -> torch.Tensor:
+        offsets = torch.tensor(self._offsets)
+        which = torch.bucketize(index, offsets[1:], right=True)
+        out: torch.Tensor | None = None
+        for k in which.unique().tolist():
+            mask = which == k
+            part = self.sources[k].fetch(index[mask] - self._offsets[k])
+            if out is None:
+                out = torch.empty((len(index), *part.shape[1:]), dtype=part.dtype)
+            out[mask] = part
+        assert out is not None
+        return out
+
+
+def concat_sources(sources: Sequence[ImageSource]) -> ImageSource:
+    return sources[0] if len(sources) == 1 else ConcatImages(tuple(sources))
 
 
 @dataclass(frozen=True)
@@ -57,8 +172,8 @@ class TaskData:
 
     name: str
     kind: Literal["class", "domain"]
-    train: ImageSet
-    test: ImageSet
+    train: ImageSource
+    test: ImageSource
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -66,11 +181,11 @@ class TaskData:
 
 
 def batches(
-    data: ImageSet, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    data: ImageSource, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, label indices) batches; shuffled with ``generator`` for determinism."""
     n = len(data)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
         index = order[start : start + batch_size]
-        yield data.images[index], data.labels[index]
+        yield data.fetch(index), data.labels[index]

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .data import ImageSet, TaskData, batches
+from .data import ImageSource, TaskData, batches
 from .metrics import AccuracyMatrix
 from .model import FMLoRAModel, TaskRecord
 from .rank_selector import task_complexity, task_novelty
@@ -56,14 +56,14 @@ def _autocast(config: TrainConfig, device: torch.device) -> Any:
 
 @torch.no_grad()
 def _collect(
-    model: FMLoRAModel, data: ImageSet, batch_size: int, fn: Callable[[torch.Tensor], torch.Tensor]
+    model: FMLoRAModel, data: ImageSource, batch_size: int, fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     out = [fn(model.preprocessor(x).to(model.device)).float().cpu() for x, _ in batches(data, batch_size)]
     return torch.cat(out)
 
 
 @torch.no_grad()
-def evaluate(model: FMLoRAModel, data: ImageSet, prompts: Any = "auto", batch_size: int = 128) -> float:
+def evaluate(model: FMLoRAModel, data: ImageSource, prompts: Any = "auto", batch_size: int = 128) -> float:
     """Top-1 accuracy over all classes the model knows (no task id given)."""
     model.eval()
     head_index = torch.tensor([model.head.index_of(c) for c in data.classes], dtype=torch.long)

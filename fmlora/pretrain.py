@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .backbone import Preprocessor
 from .config import BackboneConfig
-from .data import ImageSet
+from .data import ImageSource
 from .errors import ConfigError
 
 __all__ = ["pretrain_backbone"]
@@ -24,7 +24,7 @@ __all__ = ["pretrain_backbone"]
 
 def pretrain_backbone(
     config: BackboneConfig,
-    data: ImageSet,
+    data: ImageSource,
     out: str | Path,
     *,
     steps: int = 200,
@@ -55,7 +55,7 @@ def pretrain_backbone(
     model.train()
     for _ in tqdm(range(steps), desc="pretrain", disable=None if progress_bar else True):
         index = torch.randint(0, len(data), (batch_size,), generator=generator)
-        loss = F.cross_entropy(model(preprocess(data.images[index])), data.labels[index])
+        loss = F.cross_entropy(model(preprocess(data.fetch(index))), data.labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -50,3 +50,30 @@ def test_image_set_concat_unions_classes():
     b = ImageSet(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([0]), ("z",))
     joined = ImageSet.concat([a, b])
     assert joined.classes == ("x", "y", "z") and joined.labels.tolist() == [0, 1, 2]
+
+
+def test_file_image_set_decodes_resizes_and_concatenates(tmp_path):
+    from PIL import Image
+
+    from fmlora import ConcatImages, DataError, FileImageSet
+
+    paths = []
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 20), colour).save(path)
+        paths.append(path)
+    files = FileImageSet(tuple(paths), torch.tensor([0, 1]), ("red", "blue"), image_size=(16, 16))
+    batch = files.fetch(torch.tensor([1, 0]))
+    assert batch.shape == (2, 3, 16, 16) and batch.dtype == torch.uint8
+    assert batch[0, 2].float().mean() > 250 and batch[1, 0].float().mean() > 250
+    memory = ImageSet(torch.zeros(1, 3, 16, 16, dtype=torch.uint8), torch.tensor([0]), ("black",))
+    joined = ConcatImages((files, memory))
+    assert joined.classes == ("red", "blue", "black") and joined.labels.tolist() == [0, 1, 2]
+    got = joined.fetch(torch.tensor([2, 0]))
+    assert got[0].sum() == 0 and got[1, 0].float().mean() > 250
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    broken = FileImageSet((tmp_path / "bad.png",), torch.tensor([0]), ("x",), image_size=(8, 8))
+    import pytest
+
+    with pytest.raises(DataError, match="cannot decode"):
+        broken.fetch(torch.tensor([0]))
