@@ -15,7 +15,17 @@ from torch import nn
 from .config import BackboneConfig
 from .errors import BackboneError, DataError, WeightsNotFoundError
 
-__all__ = ["Preprocessor", "create_backbone", "weights_fingerprint"]
+__all__ = ["OFFLINE_BACKBONE", "OFFLINE_WEIGHTS", "Preprocessor", "create_backbone", "weights_fingerprint"]
+
+# The offline default: a 32-px ViT (patch 4, width 192, depth 6) pre-trained by `fmlora pretrain` on
+# glyphs disjoint from the benchmark's, shipped inside the package.
+OFFLINE_WEIGHTS = Path(__file__).with_name("assets") / "glyph-vit-s32.safetensors"
+OFFLINE_BACKBONE = BackboneConfig(
+    name="vit_tiny_patch16_224",
+    weights="file",
+    weights_path=OFFLINE_WEIGHTS,
+    model_kwargs={"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3, "init_values": 0.1},
+)
 
 _LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 

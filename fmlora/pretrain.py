@@ -6,7 +6,10 @@ The pre-training classes must be disjoint from the benchmark's, as ImageNet-21K 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -16,54 +19,103 @@ from tqdm.auto import tqdm
 
 from .backbone import Preprocessor
 from .config import BackboneConfig
-from .data import ImageSource
+from .data import ImageSource, batches
 from .errors import ConfigError
 
-__all__ = ["pretrain_backbone"]
+__all__ = ["BatchSampler", "pretrain_backbone"]
+
+# Draws a fresh (uint8 images, labels) batch of the given size: on-the-fly augmentation.
+BatchSampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim <= 1 or name.endswith(("pos_embed", "cls_token"))
 
 
 def pretrain_backbone(
     config: BackboneConfig,
-    data: ImageSource,
+    data: ImageSource | BatchSampler,
     out: str | Path,
     *,
+    num_classes: int | None = None,
     steps: int = 200,
     batch_size: int = 64,
     lr: float = 2e-3,
     weight_decay: float = 0.05,
+    label_smoothing: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
     seed: int = 0,
     progress_bar: bool = True,
-) -> Path:
-    """Train ``config``'s architecture from scratch on ``data`` and write its weights (no classifier).
+    held_out: ImageSource | None = None,
+    metadata: dict[str, str] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    half_precision: bool = False,
+) -> dict[str, Any]:
+    """Train ``config``'s architecture from scratch and write its weights (no classifier) to ``out``.
 
-    Returns the safetensors path, loadable with ``BackboneConfig(weights='file', weights_path=...)``.
+    ``data`` is a fixed image source or a sampler that renders fresh batches. Returns a report with
+    the final loss and, when ``held_out`` is given, its top-1 accuracy. The file loads with
+    ``BackboneConfig(weights='file', weights_path=out)``.
     """
     if config.weights != "random":
         raise ConfigError("pre-training starts from random weights: use weights='random'")
-    torch.manual_seed(seed)
+    if callable(data) and not hasattr(data, "fetch") and num_classes is None:
+        raise ConfigError("a batch sampler needs num_classes")
+    classes = num_classes if num_classes is not None else len(data.classes)  # type: ignore[union-attr]
+    torch.manual_seed(seed)  # timm's initialisation draws from the global generator
     generator = torch.Generator().manual_seed(seed)
-    model = timm.create_model(config.name, pretrained=False, num_classes=len(data.classes), **config.model_kwargs)
+    model = timm.create_model(config.name, pretrained=False, num_classes=classes, **config.model_kwargs)
     preprocess = Preprocessor.for_model(model, config.data_config_overrides)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not _no_decay(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in model.named_parameters() if _no_decay(n, p)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
     warmup = max(1, steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-        ),
-    )
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     model.train()
-    for _ in tqdm(range(steps), desc="pretrain", disable=None if progress_bar else True):
-        index = torch.randint(0, len(data), (batch_size,), generator=generator)
-        loss = F.cross_entropy(model(preprocess(data.fetch(index))), data.labels[index])
+    loss_value = float("nan")
+    bar = tqdm(range(steps), desc="pretrain", disable=None if progress_bar else True)
+    for step in bar:
+        if hasattr(data, "fetch"):
+            index = torch.randint(0, len(data), (batch_size,), generator=generator)  # type: ignore[arg-type]
+            images, labels = data.fetch(index), data.labels[index]  # type: ignore[union-attr]
+        else:
+            images, labels = data(batch_size)  # type: ignore[operator]
+        with autocast:
+            logits = model(preprocess(images))
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        loss_value = float(loss.detach())
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if on_step is not None:
+            on_step(step + 1, loss_value)
+    model.eval()
+    report: dict[str, Any] = {"steps": steps, "final_loss": loss_value, "num_classes": classes}
+    if held_out is not None:
+        correct = 0
+        with torch.no_grad():
+            for images, labels in batches(held_out, 256):
+                correct += int((model(preprocess(images)).argmax(-1) == labels).sum())
+        report["held_out_accuracy"] = correct / len(held_out)
     model.reset_classifier(0)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    # float16 halves the shipped file; loading casts back to the model's float32 parameters.
+    dtype = torch.float16 if half_precision else None
+    state = {k: v.to(dtype).contiguous() if dtype else v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     tmp.replace(path)
-    return path
+    report["path"] = str(path)
+    return report
