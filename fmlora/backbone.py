@@ -12,20 +12,13 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from .config import BackboneConfig
+from .config import OFFLINE_WEIGHTS, BackboneConfig
 from .errors import BackboneError, DataError, WeightsNotFoundError
 
 __all__ = ["OFFLINE_BACKBONE", "OFFLINE_WEIGHTS", "Preprocessor", "create_backbone", "weights_fingerprint"]
 
-# The offline default: a 32-px ViT (patch 4, width 192, depth 6) pre-trained by `fmlora pretrain` on
-# glyphs disjoint from the benchmark's, shipped inside the package.
-OFFLINE_WEIGHTS = Path(__file__).with_name("assets") / "glyph-vit-s32.safetensors"
-OFFLINE_BACKBONE = BackboneConfig(
-    name="vit_tiny_patch16_224",
-    weights="file",
-    weights_path=OFFLINE_WEIGHTS,
-    model_kwargs={"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3, "init_values": 0.1},
-)
+# The shipped offline backbone (BackboneConfig's defaults); see fmlora/assets/*.json for its training.
+OFFLINE_BACKBONE = BackboneConfig.offline()
 
 _LOCAL_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
@@ -87,9 +80,12 @@ class Preprocessor:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     data_config: dict[str, Any]
+    input_norm: str = "timm"
 
     @classmethod
-    def for_model(cls, model: nn.Module, overrides: dict[str, Any] | None = None) -> Preprocessor:
+    def for_model(
+        cls, model: nn.Module, overrides: dict[str, Any] | None = None, input_norm: str = "timm"
+    ) -> Preprocessor:
         args = dict(overrides or {})
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
         if img_size is not None and "input_size" not in args:
@@ -97,7 +93,7 @@ class Preprocessor:
             args["input_size"] = (3, *img_size)
         cfg = resolve_data_config(args, model=model)
         _, height, width = cfg["input_size"]
-        return cls((height, width), tuple(cfg["mean"]), tuple(cfg["std"]), cfg)
+        return cls((height, width), tuple(cfg["mean"]), tuple(cfg["std"]), cfg, input_norm)
 
     def pil_transform(self) -> Any:
         """timm's eval transform (resize, centre crop, normalise) for PIL images."""
@@ -110,6 +106,19 @@ class Preprocessor:
         x = images.float().div_(255.0)
         if tuple(x.shape[-2:]) != self.input_size:
             x = nn.functional.interpolate(x, size=self.input_size, mode="bilinear", antialias=True)
+        if self.input_norm == "per-image":
+            return _standardize_per_image(x)
         mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std
+
+
+def _standardize_per_image(x: torch.Tensor) -> torch.Tensor:
+    """Grey level minus the image's median (its background), over its std, sign so strokes are positive."""
+    grey = x.mean(dim=1, keepdim=True)
+    flat = grey.flatten(1)
+    centred = grey - flat.median(dim=1).values.view(-1, 1, 1, 1)
+    scaled = centred / centred.flatten(1).std(dim=1).clamp_min(1e-3).view(-1, 1, 1, 1)
+    # The background is the majority at the median; strokes are the skewed tail.
+    sign = torch.where(scaled.flatten(1).mean(dim=1) < 0, -1.0, 1.0).view(-1, 1, 1, 1)
+    return (scaled * sign).expand(-1, 3, -1, -1).contiguous()

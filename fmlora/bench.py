@@ -1,4 +1,8 @@
-"""Continual-learning benchmark runs: every (method, seed) on one stream, written as JSON + Markdown."""
+"""Continual-learning benchmarks: every (method, seed) on one task stream, in one run.
+
+Writes ``results.json`` (one object per method and seed), ``summary.md`` (mean ± std) and PNGs of
+each method's accuracy matrix and of accuracy against tasks.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +10,42 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import AdapterConfig, BackboneConfig, ModelConfig, PromptConfig, TrainConfig
-from .errors import ConfigError
-from .learner import Learner
+from .data import TaskData, concat_sources
+from .errors import ConfigError, DataError
+from .learner import Learner, evaluate
 from .model import FMLoRAModel
 from .pretrain import pretrain_backbone
 from .snapshot import save_snapshot
-from .strategies import apply_strategy
+from .strategies import STRATEGIES, apply_strategy
 from .synthetic import make_synthetic_stream
 
-__all__ = ["BENCHMARKS", "run_benchmark", "summary_markdown"]
+__all__ = ["BENCHMARKS", "METHODS", "BenchSpec", "run_benchmark", "summary_markdown"]
 
-BENCHMARKS = ("synthetic",)
+METHODS = (*STRATEGIES, "joint")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """How to build a stream and what to run it with unless the caller overrides it."""
+
+    build: Callable[[int, int, tuple[int, int], Path | None], list[TaskData]]
+    default_tasks: int
+    backbone: Callable[[Path], BackboneConfig]
+    train: TrainConfig
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    needs_data: bool = False
+
 
 # A ViT small enough to pre-train in seconds on two CPU cores; its weights come from disjoint classes.
 SYNTHETIC_BACKBONE = BackboneConfig(
@@ -33,91 +55,232 @@ SYNTHETIC_BACKBONE = BackboneConfig(
 )
 
 
-def _synthetic_backbone(cache_dir: Path, seed: int) -> BackboneConfig:
-    path = cache_dir / f"synthetic-backbone-seed{seed}.safetensors"
+def _synthetic_backbone(cache_dir: Path) -> BackboneConfig:
+    path = cache_dir / "synthetic-backbone.safetensors"
     if not path.exists():
         pretrain_data = make_synthetic_stream(
-            num_tasks=1, classes_per_task=32, train_per_class=32, test_per_class=1, seed=10_000 + seed
+            num_tasks=1, classes_per_task=32, train_per_class=32, test_per_class=1, seed=10_000
         )[0].train
-        pretrain_backbone(SYNTHETIC_BACKBONE, pretrain_data, path, steps=150, seed=seed, progress_bar=False)
+        pretrain_backbone(SYNTHETIC_BACKBONE, pretrain_data, path, steps=150, seed=0, progress_bar=False)
     return SYNTHETIC_BACKBONE.model_copy(update={"weights": "file", "weights_path": path})
 
 
-def run_benchmark(
-    benchmark: str,
-    methods: Sequence[str],
-    seeds: Sequence[int],
-    num_tasks: int,
-    epochs: int,
-    out: Path,
-    lr: float = 5e-3,
-    batch_size: int = 16,
-) -> list[dict[str, Any]]:
-    if benchmark not in BENCHMARKS:
-        raise ConfigError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
-    out.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
-    for seed in seeds:
-        backbone = _synthetic_backbone(out / "backbones", seed)
-        tasks = make_synthetic_stream(num_tasks=num_tasks, seed=seed)
-        base = ModelConfig(
-            backbone=backbone, adapter=AdapterConfig(rank=8, alpha=8), prompts=PromptConfig(bank_size=4, length=4)
+def _offline_backbone(_: Path) -> BackboneConfig:
+    from .backbone import OFFLINE_BACKBONE
+
+    return OFFLINE_BACKBONE
+
+
+def _paper_backbone(_: Path) -> BackboneConfig:
+    # The baselines' backbone; pixels in [0, 1] without normalisation, as InfLoRA/CODA-P/SD-LoRA feed them.
+    return BackboneConfig(
+        name="vit_base_patch16_224.augreg_in21k",
+        weights="pretrained",
+        data_config_overrides={"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
+    )
+
+
+def _glyphs(kind: str) -> Callable[[int, int, tuple[int, int], Path | None], list[TaskData]]:
+    def build(seed: int, tasks: int, size: tuple[int, int], _: Path | None) -> list[TaskData]:
+        from .glyphs import make_glyph_stream
+
+        return make_glyph_stream(kind, tasks, train_per_class=40, test_per_class=20, seed=seed, image_size=size[0])
+
+    return build
+
+
+def _synthetic(seed: int, tasks: int, size: tuple[int, int], _: Path | None) -> list[TaskData]:
+    return make_synthetic_stream(num_tasks=tasks, seed=seed, image_size=size[0])
+
+
+def _paper(name: str) -> Callable[[int, int, tuple[int, int], Path | None], list[TaskData]]:
+    def build(seed: int, tasks: int, size: tuple[int, int], root: Path | None) -> list[TaskData]:
+        from .datasets import PAPER_BENCHMARKS
+
+        if root is None:
+            raise ConfigError(f"benchmark {name!r} needs --data-root pointing at the dataset")
+        return PAPER_BENCHMARKS[name](root, tasks, size, seed)
+
+    return build
+
+
+_PAPER_TRAIN = {"imagenet-r": 50, "cifar100": 20, "cub200": 20, "domainnet": 5, "domainnet-dil": 5}
+_PAPER_TASKS = {"imagenet-r": 10, "cifar100": 10, "cub200": 10, "domainnet": 5, "domainnet-dil": 6}
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "glyphs": Benchmark(
+        _glyphs("class"),
+        10,
+        _offline_backbone,
+        TrainConfig(epochs=3, batch_size=32, lr=2e-3, autocast_dtype="bfloat16"),
+    ),
+    "glyphs-dil": Benchmark(
+        _glyphs("domain"),
+        5,
+        _offline_backbone,
+        TrainConfig(epochs=3, batch_size=32, lr=2e-3, autocast_dtype="bfloat16"),
+    ),
+    "synthetic": Benchmark(
+        _synthetic,
+        3,
+        _synthetic_backbone,
+        TrainConfig(epochs=10, batch_size=16, lr=5e-3),
+        AdapterConfig(rank=8, alpha=8),
+        PromptConfig(bank_size=4, length=4),
+    ),
+    **{
+        name: Benchmark(
+            _paper(name),
+            _PAPER_TASKS[name],
+            _paper_backbone,
+            TrainConfig(epochs=epochs, batch_size=128, lr=5e-4, autocast_dtype="bfloat16"),
+            AdapterConfig(rank=10, alpha=10),
+            needs_data=True,
         )
-        for method in methods:
-            torch.manual_seed(seed)
-            model = FMLoRAModel(apply_strategy(method, base))
-            learner = Learner(TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed))
+        for name, epochs in _PAPER_TRAIN.items()
+    },
+}
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    benchmark: str
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    out: Path
+    num_tasks: int | None = None
+    epochs: int | None = None
+    backbone: BackboneConfig | None = None
+    data_root: Path | None = None
+    device: str = "cpu"
+
+
+def _model_config(bench: Benchmark, backbone: BackboneConfig) -> ModelConfig:
+    return ModelConfig(backbone=backbone, adapter=bench.adapter, prompts=bench.prompts)
+
+
+def _snapshot_bytes(model: FMLoRAModel) -> int:
+    with tempfile.TemporaryDirectory() as scratch:
+        return save_snapshot(model, Path(scratch) / "s").adapter_bytes
+
+
+def _run_sequential(method: str, config: ModelConfig, tasks: list[TaskData], learner: Learner) -> dict[str, Any]:
+    model = FMLoRAModel(apply_strategy(method, config))
+    adapter_bytes: list[int] = []
+
+    def measure(_t: int, _report: Any, _matrix: Any) -> None:
+        adapter_bytes.append(_snapshot_bytes(model))
+
+    matrix, reports = learner.learn_stream(model, tasks, on_task_end=measure)
+    return {
+        **matrix.summary(),
+        "trainable_params_per_task": [r.trainable_parameters for r in reports],
+        "adapter_bytes_per_task": adapter_bytes,
+        "ranks": [r.task.rank for r in reports],
+        "task_complexity": [round(r.task.complexity, 4) for r in reports],
+    }
+
+
+def _run_joint(config: ModelConfig, tasks: list[TaskData], learner: Learner) -> dict[str, Any]:
+    """Upper bound: plain LoRA trained once on every task's data together (same epochs per image)."""
+    model = FMLoRAModel(apply_strategy("seq-lora", config))
+    union = concat_sources([t.train for t in tasks])
+    report = learner.learn_task(model, TaskData("joint", "class", union, concat_sources([t.test for t in tasks])))
+    row = [evaluate(model, t.test, batch_size=learner.config.eval_batch_size) for t in tasks]
+    sizes = [len(t.test) for t in tasks]
+    final = sum(a * n for a, n in zip(row, sizes, strict=True)) / sum(sizes)
+    return {
+        "accuracy_matrix": [row],
+        "accuracy_curve": [final],
+        "final_accuracy": final,
+        "average_incremental_accuracy": None,
+        "forgetting": None,
+        "trainable_params_per_task": [report.trainable_parameters],
+        "adapter_bytes_per_task": [_snapshot_bytes(model)],
+        "ranks": [report.task.rank],
+        "task_complexity": [round(report.task.complexity, 4)],
+    }
+
+
+def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
+    if spec.benchmark not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {spec.benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+    unknown = [m for m in spec.methods if m not in METHODS]
+    if unknown or not spec.methods:
+        raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    bench = BENCHMARKS[spec.benchmark]
+    spec.out.mkdir(parents=True, exist_ok=True)
+    backbone = spec.backbone or bench.backbone(spec.out / "backbones")
+    config = _model_config(bench, backbone)
+    train = bench.train.model_copy(update={"device": spec.device, **({"epochs": spec.epochs} if spec.epochs else {})})
+    num_tasks = spec.num_tasks or bench.default_tasks
+    image_size = FMLoRAModel(config).preprocessor.input_size
+    results: list[dict[str, Any]] = []
+    runs = tqdm(total=len(spec.seeds) * len(spec.methods), desc=f"bench {spec.benchmark}", disable=None)
+    for seed in spec.seeds:
+        tasks = bench.build(seed, num_tasks, image_size, spec.data_root)
+        if len(tasks) < 2:
+            raise DataError("a continual-learning benchmark needs at least two tasks")
+        for method in spec.methods:
+            runs.set_postfix(method=method, seed=seed)
+            torch.manual_seed(seed)  # the adapter's own initialisation (prompt bank, bases)
+            learner = Learner(train.model_copy(update={"seed": seed}))
             started = time.perf_counter()
-            adapter_bytes: list[int] = []
-
-            def measure(
-                t: int,
-                _report: Any,
-                _matrix: Any,
-                model: FMLoRAModel = model,
-                name: str = f"{method}-seed{seed}",
-                sizes: list[int] = adapter_bytes,
-            ) -> None:
-                # Measured from a real snapshot file, then discarded: a benchmark publishes nothing.
-                with tempfile.TemporaryDirectory() as scratch:
-                    sizes.append(save_snapshot(model, Path(scratch) / f"{name}-task{t}").adapter_bytes)
-
-            matrix, reports = learner.learn_stream(model, tasks, on_task_end=measure)
+            if method == "joint":
+                measured = _run_joint(config, tasks, learner)
+            else:
+                measured = _run_sequential(method, config, tasks, learner)
             results.append(
                 {
-                    "benchmark": benchmark,
+                    "benchmark": spec.benchmark,
                     "method": method,
                     "seed": seed,
-                    "tasks": num_tasks,
+                    "tasks": len(tasks),
                     "backbone": backbone.name,
-                    **matrix.summary(),
-                    "trainable_params_per_task": [r.trainable_parameters for r in reports],
-                    "adapter_bytes_per_task": adapter_bytes,
-                    "ranks": [r.task.rank for r in reports],
+                    "backbone_weights": str(backbone.weights_path) if backbone.weights_path else backbone.weights,
+                    **measured,
                     "seconds": time.perf_counter() - started,
+                    "epochs": train.epochs,
+                    "train_config": train.model_dump(mode="json"),
+                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
             )
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "summary.md").write_text(summary_markdown(results))
+            runs.update(1)
+            (spec.out / "results.json").write_text(json.dumps(results, indent=2))
+    runs.close()
+    (spec.out / "summary.md").write_text(summary_markdown(results))
+    from .plots import plot_results
+
+    plot_results(results, spec.out)
     return results
 
 
-def _mean_std(values: list[float]) -> str:
-    mean = statistics.fmean(values) * 100
-    std = statistics.stdev(values) * 100 if len(values) > 1 else 0.0
+def _mean_std(values: Sequence[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "–"
+    mean = statistics.fmean(present) * 100
+    std = statistics.stdev(present) * 100 if len(present) > 1 else 0.0
     return f"{mean:.2f} ± {std:.2f}"
 
 
 def summary_markdown(results: list[dict[str, Any]]) -> str:
+    if not results:
+        return "no results\n"
+    first = results[0]
     lines = [
-        "| method | final accuracy | average incremental accuracy | forgetting | seeds |",
-        "|---|---|---|---|---|",
+        f"benchmark `{first['benchmark']}`, {first['tasks']} tasks, backbone `{first['backbone']}`, "
+        f"{first['epochs']} epochs per task; mean ± std over seeds, in %",
+        "",
+        "| method | final accuracy | average incremental accuracy | forgetting | seeds | seconds per run |",
+        "|---|---|---|---|---|---|",
     ]
     for method in dict.fromkeys(r["method"] for r in results):
         rows = [r for r in results if r["method"] == method]
         lines.append(
             f"| {method} | {_mean_std([r['final_accuracy'] for r in rows])} | "
             f"{_mean_std([r['average_incremental_accuracy'] for r in rows])} | "
-            f"{_mean_std([r['forgetting'] for r in rows])} | {len(rows)} |"
+            f"{_mean_std([r['forgetting'] for r in rows])} | {len(rows)} | "
+            f"{statistics.fmean(r['seconds'] for r in rows):.0f} |"
         )
     return "\n".join(lines) + "\n"

@@ -8,9 +8,9 @@ import typer
 
 from ._version import __version__
 from .backbone import OFFLINE_BACKBONE, OFFLINE_WEIGHTS
-from .bench import BENCHMARKS, run_benchmark, summary_markdown
+from .bench import BENCHMARKS, METHODS, BenchSpec, run_benchmark, summary_markdown
+from .config import BackboneConfig
 from .errors import FmloraError
-from .strategies import STRATEGIES
 
 app = typer.Typer(help="fmlora: continually learning image classifiers (FM-LoRA on timm ViTs).", no_args_is_help=True)
 
@@ -27,21 +27,46 @@ def version() -> None:
 
 @app.command()
 def bench(
-    benchmark: str = typer.Option("synthetic", help=f"One of: {', '.join(BENCHMARKS)}."),
-    methods: str = typer.Option("fmlora,seq-lora", help=f"Comma-separated, from: {', '.join(STRATEGIES)}."),
+    benchmark: str = typer.Option("glyphs", help=f"One of: {', '.join(BENCHMARKS)}."),
+    methods: str = typer.Option(",".join(METHODS), help=f"Comma-separated, from: {', '.join(METHODS)}."),
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
-    tasks: int = typer.Option(3, min=2, help="Number of tasks in the stream."),
-    epochs: int = typer.Option(10, min=1, help="Epochs per task."),
-    out: Path = typer.Option(Path("runs/bench"), help="Output directory for results.json and summary.md."),
+    tasks: int | None = typer.Option(None, min=2, help="Number of tasks (default: the benchmark's)."),
+    epochs: int | None = typer.Option(None, min=1, help="Epochs per task (default: the benchmark's)."),
+    backbone: str | None = typer.Option(None, help="timm model name (default: the benchmark's backbone)."),
+    backbone_weights: str = typer.Option(
+        "pretrained", help="With --backbone: 'pretrained' (timm download), 'random', or a local weight file."
+    ),
+    data_root: Path | None = typer.Option(None, help="Dataset root for the paper benchmarks."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+    out: Path = typer.Option(Path("runs/bench"), help="Output directory (results.json, summary.md, PNGs)."),
 ) -> None:
-    """Run continual-learning methods on a task stream and write results.json + summary.md."""
+    """Run continual-learning methods on a task stream; write results.json, summary.md and plots."""
+    spec = BenchSpec(
+        benchmark=benchmark,
+        methods=tuple(_split(methods)),
+        seeds=tuple(int(s) for s in _split(seeds)),
+        out=out,
+        num_tasks=tasks,
+        epochs=epochs,
+        backbone=_backbone_option(backbone, backbone_weights),
+        data_root=data_root,
+        device=device,
+    )
     try:
-        results = run_benchmark(benchmark, _split(methods), [int(s) for s in _split(seeds)], tasks, epochs, out)
+        results = run_benchmark(spec)
     except FmloraError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(summary_markdown(results))
-    typer.echo(f"wrote {out / 'results.json'} and {out / 'summary.md'}")
+    typer.echo(f"wrote {out / 'results.json'}, {out / 'summary.md'} and plots in {out}")
+
+
+def _backbone_option(name: str | None, weights: str) -> BackboneConfig | None:
+    if name is None:
+        return None
+    if weights in ("pretrained", "random"):
+        return BackboneConfig(name=name, weights=weights)
+    return BackboneConfig(name=name, weights="file", weights_path=Path(weights))
 
 
 @app.command()

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 __all__ = [
+    "OFFLINE_MODEL_KWARGS",
+    "OFFLINE_WEIGHTS",
     "AdapterConfig",
     "BackboneConfig",
     "ModelConfig",
@@ -35,12 +37,26 @@ class _Frozen(BaseModel):
             raise ConfigError(str(exc)) from None
 
 
+# The offline default backbone: a 32-px ViT (patch 4, width 128, depth 4) pre-trained by
+# `fmlora pretrain` on glyphs disjoint from the benchmark's, shipped inside the package.
+OFFLINE_WEIGHTS = Path(__file__).with_name("assets") / "glyph-vit-s32.safetensors"
+OFFLINE_MODEL_KWARGS: dict[str, Any] = {
+    "img_size": 32,
+    "patch_size": 4,
+    "embed_dim": 128,
+    "depth": 4,
+    "num_heads": 2,
+    "init_values": 0.1,
+}
+
+
 class BackboneConfig(_Frozen):
     """Which timm Vision Transformer to wrap and where its weights come from.
 
     ``weights``: ``pretrained`` uses timm's own download path (needs the internet or a warm cache),
     ``file`` loads ``weights_path`` (safetensors, or .pth/.npz read without pickle), ``random`` keeps
-    timm's random initialisation and must be asked for explicitly.
+    timm's random initialisation and must be asked for explicitly. ``BackboneConfig.offline()`` is the
+    shipped glyph ViT, which ``ModelConfig`` uses when no backbone is given.
     """
 
     name: str = "vit_base_patch16_224.augreg_in21k"
@@ -49,6 +65,21 @@ class BackboneConfig(_Frozen):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     # Overrides of timm's data config (e.g. mean=(0,0,0), std=(1,1,1) to match InfLoRA's protocol).
     data_config_overrides: dict[str, Any] = Field(default_factory=dict)
+    # "timm": normalise with the data config's mean/std. "per-image": parameter-free standardisation
+    # (grey level, minus the image's median, over its std, strokes positive) for backbones trained so,
+    # like the offline glyph ViT; it has no constants to get wrong.
+    input_norm: Literal["timm", "per-image"] = "timm"
+
+    @classmethod
+    def offline(cls) -> BackboneConfig:
+        """The shipped glyph ViT: the default backbone whenever no other is configured."""
+        return cls(
+            name="vit_tiny_patch16_224",
+            weights="file",
+            weights_path=OFFLINE_WEIGHTS,
+            model_kwargs=dict(OFFLINE_MODEL_KWARGS),
+            input_norm="per-image",
+        )
 
     @model_validator(mode="after")
     def _weights_path_matches_source(self) -> BackboneConfig:
@@ -140,7 +171,7 @@ class PromptConfig(_Frozen):
 
 
 class ModelConfig(_Frozen):
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig.offline)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     rank_selector: RankSelectorConfig = Field(default_factory=RankSelectorConfig)
     prompts: PromptConfig = Field(default_factory=PromptConfig)

@@ -67,7 +67,9 @@ class FMLoRAModel(nn.Module):
         backbone.requires_grad_(False)
         # Fingerprint before injection: it identifies the weights, not our wrappers.
         self.backbone_sha256 = weights_fingerprint(backbone)
-        self.preprocessor = Preprocessor.for_model(backbone, config.backbone.data_config_overrides)
+        self.preprocessor = Preprocessor.for_model(
+            backbone, config.backbone.data_config_overrides, config.backbone.input_norm
+        )
         self.embed_dim = int(backbone.num_features)
         self.depth = len(backbone.blocks)
         first_attn = backbone.blocks[0].attn

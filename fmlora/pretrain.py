@@ -65,7 +65,7 @@ def pretrain_backbone(
     torch.manual_seed(seed)  # timm's initialisation draws from the global generator
     generator = torch.Generator().manual_seed(seed)
     model = timm.create_model(config.name, pretrained=False, num_classes=classes, **config.model_kwargs)
-    preprocess = Preprocessor.for_model(model, config.data_config_overrides)
+    preprocess = Preprocessor.for_model(model, config.data_config_overrides, config.input_norm)
     groups = [
         {"params": [p for n, p in model.named_parameters() if not _no_decay(n, p)], "weight_decay": weight_decay},
         {"params": [p for n, p in model.named_parameters() if _no_decay(n, p)], "weight_decay": 0.0},

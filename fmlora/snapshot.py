@@ -115,6 +115,7 @@ def _layout(config: ModelConfig, depth: int) -> dict[str, Any]:
         "prompts": None,
         "backbone_kwargs": config.backbone.model_kwargs,
         "data_config_overrides": config.backbone.data_config_overrides,
+        "input_norm": config.backbone.input_norm,
     }
     if p.enabled:
         start, end = p.block_range(depth)

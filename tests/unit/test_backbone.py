@@ -6,7 +6,15 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from fmlora import BackboneConfig, BackboneError, ConfigError, Preprocessor, WeightsNotFoundError, create_backbone
+from fmlora import (
+    BackboneConfig,
+    BackboneError,
+    ConfigError,
+    ModelConfig,
+    Preprocessor,
+    WeightsNotFoundError,
+    create_backbone,
+)
 from tests.conftest import TINY_KWARGS, TINY_RANDOM, random_images
 
 
@@ -54,7 +62,9 @@ def test_missing_or_unsupported_weight_files_are_typed_errors(tmp_path):
 
 
 def test_weights_source_must_be_explicit():
-    assert BackboneConfig().weights == "pretrained"
+    assert BackboneConfig(name="vit_small_patch16_224").weights == "pretrained"
+    offline = ModelConfig().backbone  # the shipped glyph ViT when nothing else is configured
+    assert offline == BackboneConfig.offline() and offline.weights == "file" and offline.input_norm == "per-image"
     with pytest.raises(ConfigError):
         BackboneConfig(weights="file")
     with pytest.raises(ConfigError):
@@ -85,3 +95,15 @@ def test_preprocessing_comes_from_timm_data_config():
     raw = Preprocessor.for_model(model, {"mean": (0, 0, 0), "std": (1, 1, 1)})
     white = raw(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8))
     assert torch.allclose(white, torch.ones_like(white))
+
+
+def test_per_image_standardisation_ignores_colour_and_polarity():
+    model = create_backbone(TINY_RANDOM)
+    pre = Preprocessor.for_model(model, input_norm="per-image")
+    glyph = torch.zeros(1, 1, 32, 32)
+    glyph[..., 10:22, 14:18] = 1.0  # a vertical stroke
+    dark_on_light = ((1 - glyph) * torch.tensor([200.0, 220, 240]).view(1, 3, 1, 1)).to(torch.uint8)
+    light_on_dark = (glyph * torch.tensor([90.0, 250, 30]).view(1, 3, 1, 1) + 5).to(torch.uint8)
+    a, b = pre(dark_on_light), pre(light_on_dark)
+    assert a.shape == (1, 3, 32, 32) and torch.allclose(a, b, atol=1e-4)
+    assert a[0, 0, 15, 15] > 0 > a[0, 0, 0, 0] - 1e-6 and abs(float(a.std()) - 1) < 0.05
