@@ -80,11 +80,11 @@ def _paper_backbone(_: Path) -> BackboneConfig:
     )
 
 
-def _glyphs(kind: str) -> Callable[[int, int, tuple[int, int], Path | None], list[TaskData]]:
+def _glyphs(kind: str, train: int, test: int) -> Callable[[int, int, tuple[int, int], Path | None], list[TaskData]]:
     def build(seed: int, tasks: int, size: tuple[int, int], _: Path | None) -> list[TaskData]:
         from .glyphs import make_glyph_stream
 
-        return make_glyph_stream(kind, tasks, train_per_class=40, test_per_class=20, seed=seed, image_size=size[0])
+        return make_glyph_stream(kind, tasks, train_per_class=train, test_per_class=test, seed=seed, image_size=size[0])
 
     return build
 
@@ -109,13 +109,13 @@ _PAPER_TASKS = {"imagenet-r": 10, "cifar100": 10, "cub200": 10, "domainnet": 5, 
 
 BENCHMARKS: dict[str, Benchmark] = {
     "glyphs": Benchmark(
-        _glyphs("class"),
+        _glyphs("class", 40, 20),
         10,
         _offline_backbone,
         TrainConfig(epochs=3, batch_size=32, lr=2e-3, autocast_dtype="bfloat16"),
     ),
     "glyphs-dil": Benchmark(
-        _glyphs("domain"),
+        _glyphs("domain", 16, 10),
         5,
         _offline_backbone,
         TrainConfig(epochs=3, batch_size=32, lr=2e-3, autocast_dtype="bfloat16"),
@@ -150,9 +150,29 @@ class BenchSpec:
     out: Path
     num_tasks: int | None = None
     epochs: int | None = None
+    # A full backbone config, or just another timm name and/or weight source on top of the benchmark's.
     backbone: BackboneConfig | None = None
+    backbone_name: str | None = None
+    backbone_weights: str | None = None
     data_root: Path | None = None
     device: str = "cpu"
+
+
+def override_backbone(base: BackboneConfig, name: str | None, weights: str | None) -> BackboneConfig:
+    """Change the model and/or its weights, keeping what still applies (e.g. the paper protocol's
+    unnormalised pixels). ``weights``: 'pretrained', 'random' or a local file."""
+    update: dict[str, Any] = {}
+    if name is not None and name != base.name:
+        update["name"] = name
+        if base.input_norm == "per-image":  # the glyph ViT's architecture and input norm are its own
+            update.update(model_kwargs={}, input_norm="timm")
+        if weights is None:
+            update.update(weights="pretrained", weights_path=None)
+    if weights in ("pretrained", "random"):
+        update.update(weights=weights, weights_path=None)
+    elif weights is not None:
+        update.update(weights="file", weights_path=Path(weights))
+    return base.model_copy(update=update) if update else base
 
 
 def _model_config(bench: Benchmark, backbone: BackboneConfig) -> ModelConfig:
@@ -210,11 +230,17 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
         raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     bench = BENCHMARKS[spec.benchmark]
     spec.out.mkdir(parents=True, exist_ok=True)
-    backbone = spec.backbone or bench.backbone(spec.out / "backbones")
+    if any(s < 0 for s in spec.seeds) or not spec.seeds:
+        raise ConfigError("seeds must be non-negative integers")
+    backbone = spec.backbone or override_backbone(
+        bench.backbone(spec.out / "backbones"), spec.backbone_name, spec.backbone_weights
+    )
     config = _model_config(bench, backbone)
     train = bench.train.model_copy(update={"device": spec.device, **({"epochs": spec.epochs} if spec.epochs else {})})
     num_tasks = spec.num_tasks or bench.default_tasks
-    image_size = FMLoRAModel(config).preprocessor.input_size
+    probe = FMLoRAModel(config)
+    image_size, fingerprint = probe.preprocessor.input_size, probe.backbone_sha256
+    del probe
     results: list[dict[str, Any]] = []
     runs = tqdm(total=len(spec.seeds) * len(spec.methods), desc=f"bench {spec.benchmark}", disable=None)
     for seed in spec.seeds:
@@ -237,7 +263,12 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
                     "seed": seed,
                     "tasks": len(tasks),
                     "backbone": backbone.name,
-                    "backbone_weights": str(backbone.weights_path) if backbone.weights_path else backbone.weights,
+                    "backbone_config": backbone.model_dump(mode="json"),
+                    "backbone_sha256": fingerprint,
+                    "kind": tasks[0].kind,
+                    "protocol": "joint" if method == "joint" else "sequential",
+                    "task_names": [t.name for t in tasks],
+                    "task_classes": [list(t.classes) for t in tasks],
                     **measured,
                     "seconds": time.perf_counter() - started,
                     "epochs": train.epochs,

@@ -7,9 +7,8 @@ from pathlib import Path
 import typer
 
 from ._version import __version__
-from .backbone import OFFLINE_BACKBONE, OFFLINE_WEIGHTS
+from .backbone import OFFLINE_BACKBONE
 from .bench import BENCHMARKS, METHODS, BenchSpec, run_benchmark, summary_markdown
-from .config import BackboneConfig
 from .errors import FmloraError
 
 app = typer.Typer(help="fmlora: continually learning image classifiers (FM-LoRA on timm ViTs).", no_args_is_help=True)
@@ -33,8 +32,8 @@ def bench(
     tasks: int | None = typer.Option(None, min=2, help="Number of tasks (default: the benchmark's)."),
     epochs: int | None = typer.Option(None, min=1, help="Epochs per task (default: the benchmark's)."),
     backbone: str | None = typer.Option(None, help="timm model name (default: the benchmark's backbone)."),
-    backbone_weights: str = typer.Option(
-        "pretrained", help="With --backbone: 'pretrained' (timm download), 'random', or a local weight file."
+    backbone_weights: str | None = typer.Option(
+        None, help="'pretrained' (timm download), 'random', or a local weight file (default: the benchmark's)."
     ),
     data_root: Path | None = typer.Option(None, help="Dataset root for the paper benchmarks."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
@@ -48,7 +47,8 @@ def bench(
         out=out,
         num_tasks=tasks,
         epochs=epochs,
-        backbone=_backbone_option(backbone, backbone_weights),
+        backbone_name=backbone,
+        backbone_weights=backbone_weights,
         data_root=data_root,
         device=device,
     )
@@ -61,23 +61,18 @@ def bench(
     typer.echo(f"wrote {out / 'results.json'}, {out / 'summary.md'} and plots in {out}")
 
 
-def _backbone_option(name: str | None, weights: str) -> BackboneConfig | None:
-    if name is None:
-        return None
-    if weights in ("pretrained", "random"):
-        return BackboneConfig(name=name, weights=weights)
-    return BackboneConfig(name=name, weights="file", weights_path=Path(weights))
-
-
 @app.command()
 def pretrain(
-    out: Path = typer.Option(OFFLINE_WEIGHTS, help="Where to write the backbone weights (safetensors)."),
-    steps: int = typer.Option(3000, min=1),
+    out: Path = typer.Option(
+        Path("runs/pretrain/glyph-vit-s32.safetensors"),
+        help="Where to write the weights (the shipped copy is fmlora/assets/glyph-vit-s32.safetensors).",
+    ),
+    steps: int = typer.Option(2400, min=1),
     batch_size: int = typer.Option(128, min=1),
     lr: float = typer.Option(1e-3, min=0.0),
     classes: int = typer.Option(300, min=2, help="Pre-training characters, disjoint from the benchmark's."),
     seed: int = typer.Option(0),
-    bf16: bool = typer.Option(True, help="bfloat16 autocast (fast on CPUs with AVX512-BF16/AMX)."),
+    bf16: bool = typer.Option(True, help="bfloat16 autocast (fast on GPUs and CPUs with AVX512-BF16/AMX)."),
 ) -> None:
     """Pre-train the offline glyph ViT on characters disjoint from the benchmark (no download)."""
     import json
@@ -87,7 +82,11 @@ def pretrain(
     from .glyphs import GlyphSampler, pretraining_characters, render_pretraining_set
     from .pretrain import pretrain_backbone
 
-    characters = pretraining_characters(classes)
+    try:
+        characters = pretraining_characters(classes)
+    except FmloraError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     held_out = render_pretraining_set(characters, per_class=10, seed=10_000 + seed)
     report = pretrain_backbone(
         OFFLINE_BACKBONE.model_copy(update={"weights": "random", "weights_path": None}),

@@ -149,6 +149,10 @@ class GlyphRenderer:
 
     size: int = 32
     augment: bool = True
+    # "em": glyphs sit on the font's line box, so x-height and baseline tell 'o' from 'O' (benchmark).
+    # "ink": each glyph's ink is centred (how the shipped backbone's pre-training glyphs were drawn).
+    placement: str = "em"
+    scale_range: tuple[float, float] = (0.85, 1.05)
 
     @staticmethod
     @functools.lru_cache(maxsize=64)
@@ -163,11 +167,15 @@ class GlyphRenderer:
         draw = ImageDraw.Draw(mask)
         left, top, right, bottom = draw.textbbox((0, 0), char, font=font, stroke_width=stroke)
         x = (_RENDER - (right - left)) / 2 - left
-        y = (_RENDER - (bottom - top)) / 2 - top
+        if self.placement == "ink":
+            y = (_RENDER - (bottom - top)) / 2 - top
+        else:
+            ascent, descent = font.getmetrics()
+            y = (_RENDER - (ascent + descent)) / 2
         draw.text((x, y), char, fill=255, font=font, stroke_width=stroke)
         if aug:
             angle = float(rng.uniform(-12, 12))
-            scale = float(rng.uniform(0.8, 1.1))
+            scale = float(rng.uniform(*self.scale_range))
             shear = float(rng.uniform(-0.2, 0.2))
             tx, ty = rng.uniform(-4, 4, size=2)
             mask = _affine(mask, angle, scale, shear, float(tx), float(ty))
@@ -240,8 +248,9 @@ def make_glyph_stream(
 
     ``kind='class'``: the 100 benchmark characters (those in at least ``min_fonts`` faces), shuffled by
     ``seed`` and split into ``num_tasks`` tasks; each image in a random face of any family.
-    ``kind='domain'``: one typeface family per task (``num_tasks`` ≤ 5) over the characters every
-    family draws; train and test images of a task come from that family only.
+    ``kind='domain'``: one typeface family per task, in the fixed order of ``FAMILIES`` (``num_tasks``
+    ≤ 5), over the 81 characters that every face of every family draws (so no face gives a class
+    away); train and test images of a task come from that family only. The seed drives the images.
     """
     renderer = GlyphRenderer(size=image_size)
     families = tuple(FAMILIES)
@@ -264,12 +273,11 @@ def make_glyph_stream(
     if kind == "domain":
         if not 1 <= num_tasks <= len(families):
             raise DataError(f"the domain-incremental glyph benchmark has at most {len(families)} tasks")
-        chars = [c for c in BENCHMARK_CHARACTERS if all(_fonts_for(c, (f,)) for f in families)]
+        chars = [c for c in BENCHMARK_CHARACTERS if all(c in _coverage(f) for fam in families for f in FAMILIES[fam])]
         classes = tuple(chars)
-        order = np.random.default_rng(seed).permutation(len(families))
         tasks = []
         for t in range(num_tasks):
-            family = families[order[t]]
+            family = families[t]
             fonts = [_fonts_for(c, (family,)) for c in chars]
             train = _render_set(chars, fonts, train_per_class, seed * 7919 + 10 + t, renderer, classes)
             test = _render_set(chars, fonts, test_per_class, seed * 7919 + 20 + t, renderer, classes)
@@ -347,10 +355,10 @@ def pretraining_characters(
 class GlyphSampler:
     """Fresh augmented pre-training batches on the fly (rendering costs a few % of training)."""
 
-    def __init__(self, characters: Sequence[str], image_size: int = 32, seed: int = 0):
+    def __init__(self, characters: Sequence[str], image_size: int = 32, seed: int = 0, placement: str = "ink"):
         self.characters = tuple(characters)
         self.fonts = [_fonts_for(c, tuple(FAMILIES)) for c in self.characters]
-        self.renderer = GlyphRenderer(size=image_size)
+        self.renderer = _pretraining_renderer(image_size, placement)
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,7 +378,12 @@ def render_pretraining_set(characters: Sequence[str], per_class: int, seed: int,
     """A fixed, seeded set of pre-training glyphs (for held-out accuracy)."""
     classes = tuple(characters)
     fonts = [_fonts_for(c, tuple(FAMILIES)) for c in classes]
-    return _render_set(classes, fonts, per_class, seed, GlyphRenderer(size=image_size), classes)
+    return _render_set(classes, fonts, per_class, seed, _pretraining_renderer(image_size, "ink"), classes)
+
+
+def _pretraining_renderer(image_size: int, placement: str) -> GlyphRenderer:
+    # The shipped backbone saw ink-centred glyphs scaled 0.8-1.1; keep that to reproduce it.
+    return GlyphRenderer(size=image_size, placement=placement, scale_range=(0.8, 1.1))
 
 
 os.environ.setdefault("MPLBACKEND", "Agg")

@@ -10,6 +10,11 @@ import numpy as np
 __all__ = ["plot_results"]
 
 
+def _std(values: np.ndarray) -> np.ndarray:
+    """Sample std over seeds, as summary.md reports (0 for a single seed)."""
+    return values.std(0, ddof=1) if values.shape[0] > 1 else np.zeros(values.shape[1])
+
+
 def plot_results(results: list[dict[str, Any]], out: Path) -> list[Path]:
     """One accuracy-matrix heatmap per method (mean over seeds) and one accuracy-vs-task plot."""
     import matplotlib
@@ -32,7 +37,8 @@ def plot_results(results: list[dict[str, Any]], out: Path) -> list[Path]:
         image = ax.imshow(grid * 100, vmin=0, vmax=100, cmap="viridis")
         for (i, j), value in np.ndenumerate(grid):
             if not np.isnan(value):
-                ax.text(j, i, f"{value * 100:.0f}", ha="center", va="center", fontsize=7, color="white")
+                colour = "black" if value > 0.6 else "white"  # readable on viridis' yellow and purple
+                ax.text(j, i, f"{value * 100:.0f}", ha="center", va="center", fontsize=7, color=colour)
         ax.set_xlabel("evaluated task")
         ax.set_ylabel("after training task" if grid.shape[0] > 1 else "after joint training")
         ax.set_title(f"{benchmark}: {method} accuracy (%)")
@@ -49,11 +55,13 @@ def plot_results(results: list[dict[str, Any]], out: Path) -> list[Path]:
         x = np.arange(1, curves.shape[1] + 1)
         if curves.shape[1] == 1:  # joint training: one point after all tasks
             total = len(rows[0]["accuracy_matrix"][0])
-            ax.errorbar([total], curves.mean(0), yerr=curves.std(0), fmt="*", markersize=10, label=method)
+            ax.errorbar(
+                [total], curves.mean(0), yerr=_std(curves), fmt="*", markersize=10, label=f"{method} (all data)"
+            )
         else:
-            ax.errorbar(x, curves.mean(0), yerr=curves.std(0), marker="o", capsize=3, label=method)
+            ax.errorbar(x, curves.mean(0), yerr=_std(curves), marker="o", capsize=3, label=method)
     ax.set_xlabel("tasks learned")
-    ax.set_ylabel("accuracy on all classes seen (%)")
+    ax.set_ylabel("accuracy on the test data of all tasks seen (%)")
     ax.set_title(f"{benchmark}: accuracy vs tasks")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -22,7 +22,7 @@ from .config import BackboneConfig
 from .data import ImageSource, batches
 from .errors import ConfigError
 
-__all__ = ["BatchSampler", "pretrain_backbone"]
+__all__ = ["BatchSampler", "linear_probe", "pretrain_backbone"]
 
 # Draws a fresh (uint8 images, labels) batch of the given size: on-the-fly augmentation.
 BatchSampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -119,3 +119,34 @@ def pretrain_backbone(
     tmp.replace(path)
     report["path"] = str(path)
     return report
+
+
+@torch.no_grad()
+def _features(backbone: torch.nn.Module, preprocess: Preprocessor, data: ImageSource) -> torch.Tensor:
+    out = [
+        backbone.forward_head(backbone.forward_features(preprocess(x)), pre_logits=True) for x, _ in batches(data, 256)
+    ]
+    return torch.cat(out)
+
+
+def linear_probe(config: BackboneConfig, train: ImageSource, test: ImageSource, steps: int = 300) -> float:
+    """Top-1 accuracy of a linear classifier on the frozen backbone's features (a measure of the
+    backbone, not of any continual-learning method)."""
+    from .backbone import create_backbone
+
+    backbone = create_backbone(config)
+    preprocess = Preprocessor.for_model(backbone, config.data_config_overrides, config.input_norm)
+    x_train, x_test = _features(backbone, preprocess, train), _features(backbone, preprocess, test)
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    head = torch.nn.Linear(x_train.shape[1], len(train.classes))
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(head(x_train), train.labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    position = {c: i for i, c in enumerate(train.classes)}
+    targets = torch.tensor([position[test.classes[i]] for i in test.labels.tolist()])
+    return float((head(x_test).argmax(-1) == targets).float().mean())

@@ -57,3 +57,39 @@ def test_bench_cli_rejects_unknown_methods_with_a_clear_error(tmp_path):
         app, ["bench", "--benchmark", "synthetic", "--methods", "magic", "--out", str(tmp_path)]
     )
     assert result.exit_code == 2 and "unknown methods" in result.output
+
+
+def test_glyph_benchmarks_run_end_to_end_with_joint_on_both_kinds(tmp_path):
+    from fmlora import BenchSpec, run_benchmark
+    from tests.conftest import TINY_RANDOM
+
+    for benchmark in ("glyphs", "glyphs-dil"):
+        out = tmp_path / benchmark
+        spec = BenchSpec(benchmark, ("fmlora", "joint"), (0,), out, num_tasks=2, epochs=1, backbone=TINY_RANDOM)
+        rows = run_benchmark(spec)
+        fm, joint = rows
+        assert fm["kind"] == ("class" if benchmark == "glyphs" else "domain") and fm["protocol"] == "sequential"
+        assert joint["protocol"] == "joint" and len(joint["accuracy_matrix"][0]) == 2
+        if benchmark == "glyphs":
+            assert not set(fm["task_classes"][0]) & set(fm["task_classes"][1])
+        else:
+            assert fm["task_classes"][0] == fm["task_classes"][1] and len(fm["task_classes"][0]) == 81
+        assert all(0 <= a <= 1 for row in fm["accuracy_matrix"] for a in row)
+        assert fm["backbone_sha256"] and fm["backbone_config"]["name"] == TINY_RANDOM.name
+
+
+def test_backbone_override_keeps_what_still_applies():
+    from pathlib import Path
+
+    from fmlora import BackboneConfig
+    from fmlora.bench import _paper_backbone, override_backbone
+
+    paper = _paper_backbone(Path("."))
+    other = override_backbone(paper, "vit_small_patch16_224.augreg_in21k", None)
+    assert other.data_config_overrides == paper.data_config_overrides and other.weights == "pretrained"
+    glyph = BackboneConfig.offline()
+    retrained = override_backbone(glyph, None, "runs/pretrain/x.safetensors")
+    assert retrained.model_kwargs == glyph.model_kwargs and retrained.input_norm == "per-image"
+    assert retrained.weights_path == Path("runs/pretrain/x.safetensors")
+    hub = override_backbone(glyph, "vit_small_patch16_224", "random")
+    assert hub.model_kwargs == {} and hub.input_norm == "timm" and hub.weights == "random"
