@@ -112,7 +112,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         _glyphs("class", 40, 20),
         10,
         _offline_backbone,
-        TrainConfig(epochs=3, batch_size=32, lr=2e-3, autocast_dtype="bfloat16"),
+        TrainConfig(epochs=5, batch_size=32, lr=2e-3, autocast_dtype="bfloat16"),
     ),
     "glyphs-dil": Benchmark(
         _glyphs("domain", 16, 10),

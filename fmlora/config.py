@@ -182,6 +182,9 @@ class TrainConfig(_Frozen):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-4, gt=0)
+    # The new head rows start from zero while earlier rows are trained; a faster head lets a short
+    # task catch up (1.0 = one learning rate for everything, as the paper protocol uses).
+    head_lr_scale: float = Field(1.0, gt=0)
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)

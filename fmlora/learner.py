@@ -118,8 +118,15 @@ class Learner:
         target_of = column[[model.head.index_of(c) for c in task.classes]]
 
         params = model.trainable_parameters()
+        head = {id(p) for p in model.head.parameters()}
+        groups = [
+            {"params": [p for p in params if id(p) not in head], "lr": cfg.lr},
+            {"params": [p for p in params if id(p) in head], "lr": cfg.lr * cfg.head_lr_scale},
+        ]
         optimizer_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-        optimizer = optimizer_cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        optimizer = optimizer_cls(
+            [g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
         steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
         total = steps_per_epoch * cfg.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(total))
