@@ -11,7 +11,6 @@ look-alikes, the way ImageNet-21K pre-training is disjoint from ImageNet-R.
 from __future__ import annotations
 
 import functools
-import os
 import string
 import unicodedata
 from collections.abc import Sequence
@@ -384,6 +383,3 @@ def render_pretraining_set(characters: Sequence[str], per_class: int, seed: int,
 def _pretraining_renderer(image_size: int, placement: str) -> GlyphRenderer:
     # The shipped backbone saw ink-centred glyphs scaled 0.8-1.1; keep that to reproduce it.
     return GlyphRenderer(size=image_size, placement=placement, scale_range=(0.8, 1.1))
-
-
-os.environ.setdefault("MPLBACKEND", "Agg")
