@@ -66,9 +66,6 @@ class ImageSet:
     def fetch(self, index: torch.Tensor) -> torch.Tensor:
         return self.images[index]
 
-    def subset(self, index: torch.Tensor) -> ImageSet:
-        return ImageSet(self.images[index], self.labels[index], self.classes)
-
     @staticmethod
     def concat(sets: Sequence[ImageSet]) -> ImageSet:
         """Join in-memory sets with different class lists into one set over the union of classes."""

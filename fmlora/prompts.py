@@ -133,12 +133,11 @@ class PromptBank(nn.Module):
         """Store a task's key (the mean query of its data) so requests can select it by name."""
         if key.numel() != self.task_keys.shape[1]:
             raise TaskError(f"a task key needs {self.task_keys.shape[1]} values, got {key.numel()}")
-        key = key.detach().to(self.task_keys.dtype).reshape(1, -1)
         if name in self.task_names:
-            self.task_keys[self.task_names.index(name)] = key[0]
-        else:
-            self.task_keys = torch.cat([self.task_keys, key.to(self.task_keys.device)], dim=0)
-            self.task_names.append(name)
+            raise TaskError(f"task {name!r} already has a key")
+        key = key.detach().to(self.task_keys.dtype).reshape(1, -1)
+        self.task_keys = torch.cat([self.task_keys, key.to(self.task_keys.device)], dim=0)
+        self.task_names.append(name)
 
 
 class PrefixAttention(nn.Module):
