@@ -68,3 +68,56 @@ class SnapshotExistsError(SnapshotError, FileExistsError):
 
 class DataError(FmloraError, ValueError):
     """Input data is malformed (wrong shape, dtype, empty split)."""
+
+
+class RegistryError(FmloraError):
+    """The registry (FMLORA_HOME) is unusable or an operation conflicts with its state."""
+
+
+class RegistryConfigError(RegistryError, ConfigError):
+    """The registry was created for another model configuration than the one given."""
+
+
+class TaskNotFoundError(RegistryError, LookupError):
+    """No task with that id exists in the registry."""
+
+
+class VersionNotFoundError(RegistryError, LookupError):
+    """No published version with that number exists in the registry."""
+
+
+class VersionStateError(RegistryError):
+    """The version exists but its state forbids the operation (e.g. activating a rejected candidate)."""
+
+
+class LeaseError(RegistryError):
+    """A worker lost (or never held) the lease on the task it is working on."""
+
+
+class IntakeError(FmloraError, ValueError):
+    """An uploaded task was refused; nothing of it was stored."""
+
+
+class ArchiveFormatError(IntakeError):
+    """The upload is not a readable zip or tar archive."""
+
+
+class ArchiveTooLargeError(IntakeError):
+    """The upload exceeds a size, file-count or unpacked-size limit."""
+
+
+class UnsafeArchiveError(IntakeError):
+    """The archive holds absolute paths, '..' components, links, devices or other unsafe members."""
+
+
+class InvalidImageError(IntakeError):
+    """A file in the archive is not a decodable image (or exceeds the pixel limit)."""
+
+
+class ClassLayoutError(IntakeError):
+    """The archive's class folders are wrong: too few images, bad or duplicate names, classes that
+    conflict with what the model already knows for this kind of task."""
+
+
+class TaskConflictError(IntakeError):
+    """The task conflicts with the registry (e.g. its name is already taken)."""
