@@ -1,6 +1,7 @@
 """fmlora: FM-LoRA continual learning on frozen timm Vision Transformers."""
 
 from ._version import __version__
+from .archive import write_task_archive
 from .backbone import OFFLINE_BACKBONE, Preprocessor, create_backbone, weights_fingerprint
 from .bench import BENCHMARKS, METHODS, BenchSpec, run_benchmark
 from .config import (
@@ -46,6 +47,7 @@ from .errors import (
 )
 from .glyphs import make_glyph_stream, pretraining_characters
 from .head import IncrementalHead
+from .intake import IntakeLimits, submit_task
 from .layers import AdaptedLinear, FLoRAAdapter, inject_adapters
 from .learner import Learner, TaskReport, TrainingProgress, evaluate
 from .metrics import AccuracyMatrix
@@ -53,9 +55,11 @@ from .model import FMLoRAModel, ModelOutput, TaskRecord
 from .pretrain import pretrain_backbone
 from .prompts import PromptBank, PromptChoice
 from .rank_selector import RankSelector, task_complexity, task_novelty
+from .registry import Registry, TaskInfo, VersionInfo
 from .snapshot import Snapshot, SnapshotManifest, check_compatible, load_snapshot, read_snapshot, save_snapshot
 from .strategies import STRATEGIES, apply_strategy
 from .synthetic import make_synthetic_stream
+from .worker import GateConfig, Worker, WorkerConfig
 
 __all__ = [
     "BENCHMARKS",
@@ -80,11 +84,13 @@ __all__ = [
     "FMLoRAModel",
     "FileImageSet",
     "FmloraError",
+    "GateConfig",
     "ImageSet",
     "ImageSource",
     "IncrementalHead",
     "InjectionError",
     "IntakeError",
+    "IntakeLimits",
     "InvalidImageError",
     "Learner",
     "LeaseError",
@@ -97,6 +103,7 @@ __all__ = [
     "PromptError",
     "RankSelector",
     "RankSelectorConfig",
+    "Registry",
     "RegistryConfigError",
     "RegistryError",
     "Snapshot",
@@ -109,6 +116,7 @@ __all__ = [
     "TaskConflictError",
     "TaskData",
     "TaskError",
+    "TaskInfo",
     "TaskNotFoundError",
     "TaskRecord",
     "TaskReport",
@@ -116,9 +124,12 @@ __all__ = [
     "TrainingProgress",
     "UnknownTaskError",
     "UnsafeArchiveError",
+    "VersionInfo",
     "VersionNotFoundError",
     "VersionStateError",
     "WeightsNotFoundError",
+    "Worker",
+    "WorkerConfig",
     "__version__",
     "apply_strategy",
     "batches",
@@ -140,7 +151,9 @@ __all__ = [
     "read_snapshot",
     "run_benchmark",
     "save_snapshot",
+    "submit_task",
     "task_complexity",
     "task_novelty",
     "weights_fingerprint",
+    "write_task_archive",
 ]

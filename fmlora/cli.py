@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -10,6 +11,9 @@ from ._version import __version__
 from .backbone import OFFLINE_BACKBONE
 from .bench import BENCHMARKS, METHODS, BenchSpec, run_benchmark, summary_markdown
 from .errors import FmloraError
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 app = typer.Typer(help="fmlora: continually learning image classifiers (FM-LoRA on timm ViTs).", no_args_is_help=True)
 
@@ -109,6 +113,100 @@ def pretrain(
     report.update({"characters": "".join(characters), "batch_size": batch_size, "lr": lr, "seed": seed})
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "characters"}, indent=2))
+
+
+def _home_registry(home: Path, backbone: str | None, backbone_weights: str | None) -> Registry:
+    from .config import BackboneConfig, ModelConfig
+    from .registry import Registry
+
+    config = None
+    if backbone is not None:
+        weights: dict[str, object] = {"weights": "pretrained"}
+        if backbone_weights in ("pretrained", "random"):
+            weights = {"weights": backbone_weights}
+        elif backbone_weights:
+            weights = {"weights": "file", "weights_path": Path(backbone_weights)}
+        config = ModelConfig(backbone=BackboneConfig(name=backbone, **weights))
+    return Registry.open(home, config)
+
+
+@app.command()
+def worker(
+    home: Path = typer.Option(Path("fmlora-home"), envvar="FMLORA_HOME", help="Registry directory (FMLORA_HOME)."),
+    backbone: str | None = typer.Option(
+        None, envvar="FMLORA_BACKBONE", help="timm model for a NEW home (default: the offline glyph ViT)."
+    ),
+    backbone_weights: str | None = typer.Option(
+        None, envvar="FMLORA_BACKBONE_WEIGHTS", help="'pretrained', 'random' or a local weight file (new home)."
+    ),
+    epochs: int = typer.Option(5, min=1, envvar="FMLORA_WORKER_EPOCHS"),
+    batch_size: int = typer.Option(32, min=1, envvar="FMLORA_WORKER_BATCH_SIZE"),
+    lr: float = typer.Option(2e-3, min=0.0, envvar="FMLORA_WORKER_LR"),
+    autocast: str = typer.Option(
+        "none", envvar="FMLORA_WORKER_AUTOCAST", help="'bfloat16', 'float16' or 'none' (fp32)."
+    ),
+    device: str = typer.Option("cpu", envvar="FMLORA_WORKER_DEVICE", help="torch device for training."),
+    min_new_task_accuracy: float = typer.Option(
+        0.0,
+        envvar="FMLORA_GATE_MIN_NEW_TASK_ACCURACY",
+        help="Promotion gate: minimum held-out accuracy of the new task.",
+    ),
+    max_forgetting: float = typer.Option(
+        1.0,
+        envvar="FMLORA_GATE_MAX_FORGETTING",
+        help="Promotion gate: largest allowed accuracy drop of an earlier task.",
+    ),
+    keep_versions: int | None = typer.Option(
+        None, min=0, envvar="FMLORA_KEEP_VERSIONS", help="Retention: non-live versions kept (default: all)."
+    ),
+    exit_when_idle: bool = typer.Option(False, help="Exit once the queue is empty (batch jobs, tests)."),
+) -> None:
+    """Train queued tasks one after another and publish each as a snapshot (one worker trains at a time)."""
+    import logging
+    import signal
+
+    from .config import TrainConfig
+    from .worker import GateConfig, Worker, WorkerConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        registry = _home_registry(home, backbone, backbone_weights)
+        train = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            device=device,
+            autocast_dtype=None if autocast == "none" else autocast,
+        )
+        config = WorkerConfig(
+            train=train,
+            gate=GateConfig(min_new_task_accuracy=min_new_task_accuracy, max_forgetting=max_forgetting),
+            keep_versions=keep_versions,
+        )
+    except FmloraError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    runner = Worker(registry, config)
+    # SIGTERM/SIGINT abandon the current step; the task goes back to the queue for the next worker.
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    signal.signal(signal.SIGINT, lambda *_: runner.stop())
+    typer.echo(f"worker {runner.id} on {registry.home}", err=True)
+    runner.run_forever(exit_when_idle=exit_when_idle)
+
+
+def _load_plugins(target: typer.Typer) -> None:
+    """Commands from other installed packages (the server, the client SDK) that fmlora must not import."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="fmlora.commands"):
+        try:
+            register = entry.load()
+        except ImportError:
+            continue  # that package's optional dependencies are not installed: its commands are absent
+        register(target)
+
+
+_load_plugins(app)
 
 
 if __name__ == "__main__":

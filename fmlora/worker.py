@@ -1,0 +1,344 @@
+"""The training worker: claim queued tasks under a lease, learn them, gate them, publish snapshots.
+
+One worker trains at a time per registry: it holds the ``worker`` lease (renewed by a heartbeat
+thread) for as long as it runs, and every write that matters (progress, publishing) checks the lease
+in the same transaction. A worker that is killed leaves its lease to expire; the next holder runs
+``Registry.recover()``, which requeues the task it left and removes any snapshot it did not record.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .data import FileImageSet, ImageSet, ImageSource, TaskData
+from .errors import DataError, FmloraError, LeaseError
+from .intake import read_task_files
+from .learner import Learner, TrainingProgress, evaluate
+from .metrics import AccuracyMatrix
+from .model import FMLoRAModel
+from .registry import WORKER_LEASE, Registry, TaskInfo, VersionInfo
+from .snapshot import load_snapshot, read_snapshot, save_snapshot
+
+__all__ = ["GateConfig", "Worker", "WorkerConfig"]
+
+log = logging.getLogger("fmlora.worker")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Promotion bounds: a candidate that misses any of them is kept as 'rejected' and never goes live."""
+
+    min_new_task_accuracy: float = 0.0
+    max_forgetting: float = 1.0  # the largest allowed drop of any earlier task's accuracy vs the parent
+
+    def check(self, new_task_accuracy: float, forgetting: dict[str, float]) -> list[str]:
+        reasons = []
+        if new_task_accuracy < self.min_new_task_accuracy:
+            reasons.append(
+                f"new-task accuracy {new_task_accuracy:.4f} is below the minimum {self.min_new_task_accuracy:.4f}"
+            )
+        for task, drop in forgetting.items():
+            if drop > self.max_forgetting:
+                reasons.append(
+                    f"accuracy on earlier task {task!r} dropped by {drop:.4f}, over the gate's maximum "
+                    f"{self.max_forgetting:.4f}"
+                )
+        return reasons
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    lease_ttl_s: float = 30.0
+    heartbeat_s: float = 5.0
+    poll_interval_s: float = 1.0
+    progress_interval_s: float = 1.0
+    # Decoded training images up to this size are held in memory; larger tasks are read from disk.
+    max_cached_bytes: int = 2 * 2**30
+    keep_versions: int | None = None  # retention: non-live versions kept after each publish (None = all)
+
+
+class _Abandon(Exception):
+    """Raised inside training to stop it: the worker was told to stop or lost its lease."""
+
+
+StageHook = Callable[[str, dict[str, Any]], None]
+
+
+class Worker:
+    """Learns queued tasks one after another; see the module docstring for the guarantees."""
+
+    def __init__(self, registry: Registry, config: WorkerConfig | None = None, on_stage: StageHook | None = None):
+        self.registry = registry
+        self.config = config or WorkerConfig()
+        self.id = self.config.worker_id
+        self._on_stage = on_stage
+        self._pristine: FMLoRAModel | None = None
+        self._holding = False
+        self._lease_lost = threading.Event()
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._eval_cache: dict[str, ImageSource] = {}
+
+    # -- lease ---------------------------------------------------------------------------------
+    def _hold_lease(self) -> bool:
+        if self._holding and not self._lease_lost.is_set():
+            return True
+        if not self.registry.acquire_lease(WORKER_LEASE, self.id, self.config.lease_ttl_s):
+            return False
+        self._holding = True
+        self._lease_lost.clear()
+        for action in self.registry.recover():
+            log.warning("recovered after an earlier worker: %s", action)
+        self._heartbeat_stop.clear()
+        self._heartbeat = threading.Thread(target=self._beat, name="fmlora-worker-heartbeat", daemon=True)
+        self._heartbeat.start()
+        log.info("worker %s holds the training lease", self.id)
+        return True
+
+    def _beat(self) -> None:
+        while not self._heartbeat_stop.wait(self.config.heartbeat_s):
+            try:
+                self.registry.renew_lease(WORKER_LEASE, self.id, self.config.lease_ttl_s)
+            except LeaseError:
+                log.error("worker %s lost its lease; abandoning the current task", self.id)
+                self._lease_lost.set()
+                return
+            except FmloraError as exc:  # a busy database: try again next beat, the lease has slack
+                log.warning("lease renewal failed: %s", exc)
+
+    def release(self) -> None:
+        """Stop the heartbeat and give the lease back (the next worker may start at once)."""
+        self._heartbeat_stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+            self._heartbeat = None
+        if self._holding:
+            self.registry.release_lease(WORKER_LEASE, self.id)
+            self._holding = False
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def stop(self) -> None:
+        """Ask the worker to stop: training abandons at its next step; the task is queued again."""
+        self._stop.set()
+
+    # -- loop ----------------------------------------------------------------------------------
+    def run_forever(self, *, exit_when_idle: bool = False) -> None:
+        """Train tasks until ``stop()`` (or, with ``exit_when_idle``, until the queue is empty)."""
+        try:
+            while not self._stop.is_set():
+                if not self._hold_lease():
+                    self._stop.wait(self.config.poll_interval_s)
+                    continue
+                task = self.run_once()
+                if task is None:
+                    if exit_when_idle:
+                        return
+                    self._stop.wait(self.config.poll_interval_s)
+        finally:
+            self.release()
+
+    def run_once(self) -> TaskInfo | None:
+        """Learn the oldest queued task if this worker holds (or can take) the lease; return its final state."""
+        if not self._hold_lease():
+            return None
+        task = self.registry.claim_next_task(self.id)
+        if task is None:
+            return None
+        log.info(
+            "training task %s (%s, %d classes, attempt %d)", task.name, task.kind, len(task.classes), task.attempts
+        )
+        try:
+            return self._learn(task)
+        except _Abandon:
+            if self._lease_lost.is_set():
+                return self.registry.get_task(task.id)  # the next lease holder requeues it
+            self.registry.fail_task(task.id, "the worker was stopped; the task was queued again", retry=True)
+            # A requested stop is not the task's fault: give the attempt back.
+            return self.registry.get_task(task.id)
+        except LeaseError:
+            log.error("lost the lease while working on task %s", task.name)
+            return self.registry.get_task(task.id)
+        except FmloraError as exc:
+            log.error("task %s failed: %s", task.name, exc)
+            return self.registry.fail_task(task.id, str(exc), retry=False, owner=self.id)
+        except Exception:
+            log.exception("task %s failed unexpectedly", task.name)
+            return self.registry.fail_task(
+                task.id, "internal error while training; see the worker log", retry=True, owner=self.id
+            )
+
+    # -- one task ------------------------------------------------------------------------------
+    def _stage(self, stage: str, **info: Any) -> None:
+        if self._on_stage is not None:
+            self._on_stage(stage, info)
+
+    def _check_running(self) -> None:
+        if self._stop.is_set() or self._lease_lost.is_set():
+            raise _Abandon
+
+    def _start_model(self) -> tuple[FMLoRAModel, VersionInfo | None]:
+        if self._pristine is None:
+            self._pristine = FMLoRAModel(self.registry.model_config)
+        model = copy.deepcopy(self._pristine)
+        live = self.registry.live()
+        if live is not None:
+            load_snapshot(model, self.registry.snapshot_dir(live.version))
+        return model, live
+
+    def _image_set(self, files: list[tuple[Any, str]], classes: list[str], model: FMLoRAModel) -> ImageSource:
+        if not files:
+            raise DataError("a stored task has no images in one of its splits")
+        position = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([position[c] for _, c in files], dtype=torch.long)
+        crop = float(model.preprocessor.data_config.get("crop_pct", 1.0) or 1.0)
+        on_disk = FileImageSet(
+            tuple(p for p, _ in files), labels, tuple(classes), model.preprocessor.input_size, min(1.0, crop)
+        )
+        height, width = model.preprocessor.input_size
+        if len(files) * 3 * height * width > self.config.max_cached_bytes:
+            return on_disk
+        arrays = on_disk.fetch(torch.arange(len(files)))
+        return ImageSet(arrays, labels, tuple(classes))
+
+    def _eval_set(self, task_name: str, model: FMLoRAModel) -> ImageSource:
+        if task_name not in self._eval_cache:
+            stored_task = self.registry.find_task(name=task_name)
+            if stored_task is None:
+                raise DataError(f"task {task_name!r} is in the live model but not in the registry")
+            stored = read_task_files(self.registry, stored_task.id)
+            self._eval_cache[task_name] = self._image_set(stored.eval, stored.classes, model)
+        return self._eval_cache[task_name]
+
+    def _learn(self, task: TaskInfo) -> TaskInfo:
+        model, parent = self._start_model()
+        stored = read_task_files(self.registry, task.id)
+        data = TaskData(
+            name=task.name,
+            kind=task.kind,
+            train=self._image_set(stored.train, stored.classes, model),
+            test=self._image_set(stored.eval, stored.classes, model),
+        )
+        self._eval_cache[task.name] = data.test
+        self._stage("training", task=task.name)
+        last_report = [0.0]
+
+        def progress(p: TrainingProgress) -> None:
+            self._check_running()
+            now = time.monotonic()
+            if now - last_report[0] >= self.config.progress_interval_s or p.step == p.steps:
+                last_report[0] = now
+                fields = {"epoch": p.epoch, "epochs": p.epochs, "step": p.step, "steps": p.steps, "loss": p.loss}
+                self.registry.update_task(task.id, self.id, progress=fields)
+                self._stage("progress", **fields)
+
+        report = Learner(self.config.train).learn_task(model, data, progress)
+        self._check_running()
+        self.registry.update_task(task.id, self.id, status="evaluating")
+        self._stage("evaluating", task=task.name)
+        card = self._evaluate(model, parent, report.model_dump(mode="json"))
+        self._check_running()
+        return self._publish(model, task, parent, card)
+
+    def _evaluate(self, model: FMLoRAModel, parent: VersionInfo | None, report: dict[str, Any]) -> dict[str, Any]:
+        names = [t.name for t in model.tasks]
+        sets = [self._eval_set(name, model) for name in names]
+        batch = self.config.train.eval_batch_size
+        row = [evaluate(model, s, batch_size=batch) for s in sets]
+        matrix = AccuracyMatrix()
+        previous_rows = [] if parent is None else parent.card.get("accuracy_matrix", [])
+        if [list(r) for r in previous_rows] and len(previous_rows) == len(names) - 1:
+            sizes = [len(s) for s in sets]
+            for t, prev in enumerate(previous_rows):
+                matrix.add_row(prev, sizes[: t + 1])
+        else:
+            # The parent's card cannot be extended (e.g. a home made before cards existed): start anew.
+            matrix = AccuracyMatrix()
+            for t in range(len(names) - 1):
+                matrix.add_row(row[: t + 1], [len(s) for s in sets[: t + 1]])
+        matrix.add_row(row, [len(s) for s in sets])
+        previous = dict(parent.card.get("accuracy", {})) if parent is not None else {}
+        forgetting = {
+            name: float(previous[name]) - acc
+            for name, acc in zip(names[:-1], row[:-1], strict=True)
+            if name in previous
+        }
+        reasons = self.config.gate.check(row[-1], forgetting)
+        train = {k: report[k] for k in ("epochs", "steps", "final_loss", "seconds", "trainable_parameters")}
+        train["rank"] = report["task"].get("rank")
+        return {
+            "task": names[-1],
+            "tasks": names,
+            "accuracy": dict(zip(names, row, strict=True)),
+            "new_task_accuracy": row[-1],
+            "forgetting_vs_parent": forgetting,
+            "eval_sizes": [len(s) for s in sets],
+            **matrix.summary(),
+            "train": train,
+            "gate": {
+                "passed": not reasons,
+                "reasons": reasons,
+                "min_new_task_accuracy": self.config.gate.min_new_task_accuracy,
+                "max_forgetting": self.config.gate.max_forgetting,
+            },
+        }
+
+    def _publish(
+        self, model: FMLoRAModel, task: TaskInfo, parent: VersionInfo | None, card: dict[str, Any]
+    ) -> TaskInfo:
+        accepted = bool(card["gate"]["passed"])
+        # Renew first: the snapshot must be recorded well within the lease it is written under.
+        self.registry.renew_lease(WORKER_LEASE, self.id, self.config.lease_ttl_s)
+        version = self.registry.next_version()
+        directory = self.registry.snapshot_dir(version)
+        self._stage("publishing", version=version)
+        parent_version = None if parent is None else parent.version
+        manifest = save_snapshot(model, directory, version=version, parent_version=parent_version, card=card)
+        try:
+            self._stage("written", version=version)
+            verified = read_snapshot(directory)  # exactly what a server will read
+            if verified.manifest.tensors_sha256 != manifest.tensors_sha256:
+                raise DataError(f"snapshot v{version} changed between writing and verifying")
+            self.registry.record_version(
+                version=version,
+                parent=parent_version,
+                sha256=manifest.tensors_sha256,
+                tasks=[t.name for t in model.tasks],
+                card=card,
+                adapter_bytes=manifest.adapter_bytes,
+                task_id=task.id,
+                accepted=accepted,
+                lease_owner=self.id,
+            )
+        except BaseException:
+            # Unrecorded, so nobody serves it; remove it now rather than leave it to recover().
+            self.registry.remove_snapshot_dir(directory)
+            raise
+        self._stage("published", version=version, accepted=accepted)
+        if accepted:
+            log.info("task %s published as live version %d", task.name, version)
+        else:
+            log.warning("task %s: candidate v%d rejected: %s", task.name, version, card["gate"]["reasons"])
+        if self.config.keep_versions is not None:
+            self.registry.prune(self.config.keep_versions)
+        return self.registry.get_task(task.id)

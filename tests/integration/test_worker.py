@@ -1,0 +1,193 @@
+"""The training worker end to end on a tiny pre-trained ViT: ordering, cards, the gate, crashes, leases."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmlora import BackboneConfig, FMLoRAModel, TrainConfig, make_synthetic_stream
+from fmlora.archive import write_task_archive
+from fmlora.intake import submit_task
+from fmlora.registry import Registry
+from fmlora.snapshot import load_snapshot, read_snapshot
+from fmlora.worker import GateConfig, Worker, WorkerConfig
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = TrainConfig(epochs=2, batch_size=8, lr=3e-3, progress_bar=False)
+
+
+def submit_stream(registry: Registry, tmp_path: Path, num_tasks: int, seed: int = 0) -> list[str]:
+    stream = make_synthetic_stream(
+        num_tasks=num_tasks, classes_per_task=3, train_per_class=8, test_per_class=2, seed=seed
+    )
+    ids = []
+    for task in stream:
+        from fmlora.data import ConcatImages
+
+        archive = write_task_archive(ConcatImages((task.train, task.test)), tmp_path / f"{task.name}.zip")
+        ids.append(submit_task(registry, archive, name=task.name, kind="class").id)
+    return ids
+
+
+@pytest.fixture
+def home(tmp_path: Path, pretrained_tiny: BackboneConfig) -> Registry:
+    return Registry.open(tmp_path / "home", tiny_config(pretrained_tiny))
+
+
+def test_three_tasks_publish_three_versions_in_order(home: Registry, tmp_path: Path) -> None:
+    ids = submit_stream(home, tmp_path, 3)
+    seen: list[tuple[str, dict]] = []
+    worker = Worker(home, WorkerConfig(train=FAST, progress_interval_s=0.0), on_stage=lambda s, i: seen.append((s, i)))
+    worker.run_forever(exit_when_idle=True)
+
+    versions = home.list_versions()
+    assert [v.version for v in versions] == [1, 2, 3]
+    assert [v.state for v in versions] == ["retired", "retired", "live"]
+    assert [v.parent for v in versions] == [None, 1, 2]
+    assert home.live_version() == 3
+    for v, task_id in zip(versions, ids, strict=True):
+        task = home.get_task(task_id)
+        assert task.status == "live" and task.version == v.version
+        assert task.progress["step"] == task.progress["steps"] > 0
+        card = v.card
+        assert len(card["accuracy_matrix"]) == v.version  # one row per task learned so far
+        assert card["accuracy_matrix"][-1] == list(card["accuracy"].values())
+        assert card["tasks"] == v.tasks == [f"task{i}" for i in range(v.version)]
+        assert 0.0 <= card["final_accuracy"] <= 1.0 and card["gate"]["passed"]
+    # Earlier rows are carried, not recomputed: version 3's first rows equal version 2's matrix.
+    assert versions[2].card["accuracy_matrix"][:2] == versions[1].card["accuracy_matrix"]
+    # The card's accuracies are real: the snapshot classifies its held-out data that well.
+    assert versions[2].card["accuracy"]["task0"] > 0.5
+    assert [s for s, _ in seen if s != "progress"].count("published") == 3
+    # What was published is exactly what a server loads.
+    model = FMLoRAModel(home.model_config)
+    manifest = load_snapshot(model, home.snapshot_dir(3))
+    assert manifest.card == versions[2].card and model.labels[:3] == ["t0c0", "t0c1", "t0c2"]
+    assert read_snapshot(home.snapshot_dir(3)).manifest.tensors_sha256 == versions[2].sha256
+    assert home.lease("worker") is None  # released on exit
+
+
+def test_impossible_gate_rejects_and_live_stays(home: Registry, tmp_path: Path) -> None:
+    submit_stream(home, tmp_path, 2)
+    with Worker(home, WorkerConfig(train=FAST)) as first:
+        first.run_once()
+        assert home.live_version() == 1
+        # Holding the lease, the first worker keeps any other from training.
+        assert Worker(home, WorkerConfig(train=FAST)).run_once() is None
+    strict = WorkerConfig(train=FAST, gate=GateConfig(min_new_task_accuracy=1.01, max_forgetting=-1.0))
+    with Worker(home, strict) as second:
+        task = second.run_once()
+    assert task is not None and task.status == "rejected"
+    assert "below the minimum" in task.error
+    assert home.live_version() == 1
+    rejected = home.get_version(2)
+    assert rejected.state == "rejected" and not rejected.card["gate"]["passed"]
+    assert any("dropped" in r for r in rejected.card["gate"]["reasons"])
+    assert home.snapshot_dir(2).is_dir()  # kept with its card for inspection
+
+
+def test_rollback_then_next_task_trains_from_the_live_version(home: Registry, tmp_path: Path) -> None:
+    submit_stream(home, tmp_path, 2)
+    worker = Worker(home, WorkerConfig(train=FAST, keep_versions=5))
+    worker.run_forever(exit_when_idle=True)
+    home.activate(1)
+    stream = make_synthetic_stream(num_tasks=3, classes_per_task=3, train_per_class=8, test_per_class=2, seed=0)
+    submit_task(home, write_task_archive(stream[2].train, tmp_path / "t2.zip"), name="task2", kind="class")
+    worker.run_forever(exit_when_idle=True)
+    v3 = home.get_version(3)
+    assert v3.parent == 1 and v3.tasks == ["task0", "task2"] and home.live_version() == 3
+
+
+def run_worker(home: Path, kill_at: str = "", timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LEASE_TTL": "1.5"}
+    return subprocess.run(
+        [sys.executable, "-m", "tests.integration.worker_proc", str(home), kill_at],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def visible_snapshots(registry: Registry) -> list[str]:
+    return sorted(p.name for p in registry.snapshots_dir.iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("kill_at", ["progress", "publishing", "written"])
+def test_sigkill_leaves_nothing_partial_and_the_task_is_retried(home: Registry, tmp_path: Path, kill_at: str) -> None:
+    [task_id] = submit_stream(home, tmp_path, 1)
+    killed = run_worker(home.home, kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    # Whatever the moment, no reader can see a snapshot that is not recorded and complete.
+    assert home.list_versions() == [] and home.live_version() is None
+    staging = [p for p in home.snapshots_dir.iterdir() if p.name.startswith(".")]
+    assert bool(staging) == (kill_at == "publishing")  # died mid-write: only a hidden staging dir
+    for name in visible_snapshots(home):
+        assert kill_at == "written" and name == "v1"  # renamed but never recorded: removed on recovery
+    assert home.get_task(task_id).status == ("training" if kill_at == "progress" else "evaluating")
+
+    time.sleep(1.6)  # the dead worker's lease runs out
+    restarted = run_worker(home.home)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    task = home.get_task(task_id)
+    assert task.status == "live" and task.attempts == 2
+    assert visible_snapshots(home) == [f"v{task.version}"] and home.live_version() == task.version
+    assert not [p for p in home.snapshots_dir.iterdir() if p.name.startswith(".")]
+    read_snapshot(home.snapshot_dir(task.version))  # complete and verified
+    assert [e.kind for e in home.events()].count("requeued") == 1
+
+
+def test_two_workers_at_once_exactly_one_trains(home: Registry, tmp_path: Path) -> None:
+    submit_stream(home, tmp_path, 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LEASE_TTL": "5"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.worker_proc", str(home.home)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+    claims = [e for e in home.events() if e.kind == "claimed"]
+    assert len(claims) == 2 and len({e.detail["owner"] for e in claims}) == 1
+    trained = [o[0].count("STAGE training") for o in outputs]
+    assert sorted(trained) == [0, 2]
+    assert [v.version for v in home.list_versions()] == [1, 2]
+
+
+def test_sigterm_abandons_cleanly_and_requeues(home: Registry, tmp_path: Path) -> None:
+    [task_id] = submit_stream(home, tmp_path, 1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.worker_proc", str(home.home)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("STAGE progress"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    task = home.get_task(task_id)
+    assert task.status == "queued" and "stopped" in task.error
+    assert home.lease("worker") is None and visible_snapshots(home) == []
+    torch.manual_seed(0)
