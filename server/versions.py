@@ -1,0 +1,316 @@
+"""The version cache: verified, staged, warmed snapshots of the last K versions.
+
+Loading a version is: read the snapshot (sha256 of exactly the bytes parsed, format), check it
+against the registry's record and the resident model (``check_compatible``), stage its small tensors
+on the serving device and dtype, then warm it up on a probe batch in the inference thread. Only
+then does it enter the cache, and only an entry from the cache is ever served. So pinning a cached
+version or rolling back to one costs nothing but a pointer change.
+
+A version that fails is refused, logged and counted, and remembered by (version, sha256): a
+permanently bad snapshot (corrupt, truncated, incompatible, non-finite outputs) is not tried again
+until an explicit ``forget_failure``; a transient failure (missing directory on a lagging volume,
+out of memory) is retried with exponential backoff, never in a tight loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fmlora.errors import SnapshotError, SnapshotFormatError, SnapshotIntegrityError
+from fmlora.model import TaskRecord
+from fmlora.snapshot import Snapshot, SnapshotManifest, read_snapshot
+
+from .errors_core import VersionUnavailableError
+
+__all__ = [
+    "KnownBadVersionError",
+    "LoadFailure",
+    "SnapshotWarmupError",
+    "VersionBackend",
+    "VersionCache",
+    "VersionEntry",
+]
+
+log = logging.getLogger("fmlora.server.versions")
+
+
+class SnapshotWarmupError(SnapshotError):
+    """The snapshot loaded but failed its warm-up (non-finite or mis-shaped outputs)."""
+
+
+class KnownBadVersionError(VersionUnavailableError):
+    """The version failed before and is not retried yet (see ``VersionCache.failures``)."""
+
+
+@dataclass(frozen=True, eq=False)
+class VersionEntry:
+    """One verified version, ready to serve. Compared by identity: it is the batcher's key."""
+
+    version: int
+    sha256: str
+    manifest: SnapshotManifest
+    tensors: Mapping[str, torch.Tensor]  # staged on the serving device and dtype
+    labels: tuple[str, ...]
+    label_tasks: tuple[str, ...]
+    tasks: tuple[TaskRecord, ...]
+    path: Path
+    load_seconds: float = 0.0
+    loaded_at: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (e.g. ONNX feeds)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    @property
+    def adapter_bytes(self) -> int:
+        return self.manifest.adapter_bytes
+
+    def __repr__(self) -> str:
+        return f"VersionEntry(version={self.version}, sha256={self.sha256[:12]}…, classes={len(self.labels)})"
+
+
+class VersionBackend(Protocol):
+    """What the cache needs from the engine (the resident model)."""
+
+    def check(self, snapshot: Snapshot) -> None:
+        """Raise unless the snapshot fits the resident model (check_compatible)."""
+
+    def stage(self, snapshot: Snapshot) -> dict[str, torch.Tensor]:
+        """The snapshot's tensors on the serving device and dtype."""
+
+    def warm(self, entry: VersionEntry) -> None:
+        """Run a probe batch on ``entry`` (in the inference thread); raise if the outputs are bad."""
+
+
+@dataclass
+class LoadFailure:
+    version: int
+    sha256: str | None
+    error_type: str
+    message: str
+    at: float
+    attempts: int
+    retry_at: float | None  # None: permanent until forgotten
+
+    def blocks(self, sha256: str | None, now: float) -> bool:
+        if sha256 is not None and self.sha256 is not None and sha256 != self.sha256:
+            return False  # a different snapshot under the same number: try it
+        return self.retry_at is None or now < self.retry_at
+
+
+class VersionCache:
+    def __init__(
+        self,
+        registry: Any,
+        backend: VersionBackend,
+        capacity: int = 4,
+        *,
+        retry_initial_s: float = 5.0,
+        retry_max_s: float = 300.0,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("the version cache needs room for at least one version")
+        self.registry = registry
+        self.backend = backend
+        self.capacity = capacity
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[int, VersionEntry] = OrderedDict()
+        self._inflight: dict[int, concurrent.futures.Future[VersionEntry]] = {}
+        self._failures: dict[int, LoadFailure] = {}
+        self._protected: int | None = None
+        self.loads_total = 0
+        self.loads_failed = 0
+        self.evictions_total = 0
+        self.hits = 0
+        self.misses = 0
+        self.last_load_seconds: float | None = None
+
+    # -- lookups -------------------------------------------------------------------------------
+    def get(self, version: int) -> VersionEntry | None:
+        with self._lock:
+            entry = self._entries.get(version)
+            if entry is not None:
+                self._entries.move_to_end(version)
+                self.hits += 1
+            return entry
+
+    def cached_versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._entries)
+
+    def failures(self) -> list[LoadFailure]:
+        with self._lock:
+            return sorted(self._failures.values(), key=lambda f: f.version)
+
+    def failure(self, version: int) -> LoadFailure | None:
+        with self._lock:
+            return self._failures.get(version)
+
+    def forget_failure(self, version: int) -> None:
+        with self._lock:
+            self._failures.pop(version, None)
+
+    def protect(self, version: int | None) -> None:
+        """Never evict ``version`` (the one serving by default)."""
+        with self._lock:
+            self._protected = version
+
+    # -- loading -------------------------------------------------------------------------------
+    def load(self, version: int, sha256: str | None = None) -> VersionEntry:
+        """The verified entry for ``version`` (from the cache, or loaded, verified and warmed now).
+
+        ``sha256``: the tensor hash the registry recorded for the version (looked up when None).
+        Raises the registry's ``VersionNotFoundError``, ``KnownBadVersionError`` for a version that
+        failed before, or ``VersionUnavailableError`` when loading fails now.
+        """
+        if sha256 is None:
+            sha256 = self.registry.get_version(version).sha256
+        with self._lock:
+            entry = self._entries.get(version)
+            if entry is not None and entry.sha256 == sha256:
+                self._entries.move_to_end(version)
+                self.hits += 1
+                return entry
+            failure = self._failures.get(version)
+            if failure is not None and failure.blocks(sha256, time.monotonic()):
+                raise KnownBadVersionError(
+                    f"version {version} cannot be served: its snapshot failed to load ({failure.error_type})"
+                )
+            pending = self._inflight.get(version)
+            owner = pending is None
+            if owner:
+                pending = concurrent.futures.Future()
+                self._inflight[version] = pending
+                self.misses += 1
+        assert pending is not None
+        if not owner:
+            return pending.result()
+        try:
+            entry = self._load_now(version, sha256)
+        except BaseException as exc:
+            with self._lock:
+                self._inflight.pop(version, None)
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            self._inflight.pop(version, None)
+        pending.set_result(entry)
+        return entry
+
+    def _load_now(self, version: int, sha256: str) -> VersionEntry:
+        started = time.perf_counter()
+        path = Path(self.registry.snapshot_dir(version))
+        try:
+            if not path.is_dir():
+                raise FileNotFoundError(f"snapshot directory {path} does not exist")
+            snapshot = read_snapshot(path)
+            manifest = snapshot.manifest
+            if manifest.tensors_sha256 != sha256:
+                raise SnapshotIntegrityError(
+                    f"snapshot {path} holds tensors {manifest.tensors_sha256[:12]}…, "
+                    f"the registry recorded {sha256[:12]}… for version {version}"
+                )
+            if manifest.version is not None and manifest.version != version:
+                raise SnapshotFormatError(f"snapshot {path} says it is version {manifest.version}, not {version}")
+            self.backend.check(snapshot)
+            tensors = self.backend.stage(snapshot)
+            entry = VersionEntry(
+                version=version,
+                sha256=sha256,
+                manifest=manifest,
+                tensors=tensors,
+                labels=tuple(manifest.labels),
+                label_tasks=tuple(manifest.label_tasks),
+                tasks=tuple(manifest.tasks),
+                path=path,
+            )
+            self.backend.warm(entry)
+        except BaseException as exc:
+            self._record_failure(version, sha256, exc)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise VersionUnavailableError(
+                f"version {version} cannot be served: its snapshot failed to load ({type(exc).__name__})"
+            ) from exc
+        seconds = time.perf_counter() - started
+        entry = _with_seconds(entry, seconds)
+        with self._lock:
+            self._entries[version] = entry
+            self._entries.move_to_end(version)
+            self._failures.pop(version, None)
+            self.loads_total += 1
+            self.last_load_seconds = seconds
+            self._evict_locked()
+        log.info("version %d loaded, verified and warmed in %.3f s", version, seconds)
+        return entry
+
+    def _record_failure(self, version: int, sha256: str | None, exc: BaseException) -> None:
+        permanent = isinstance(exc, SnapshotError)
+        with self._lock:
+            previous = self._failures.get(version)
+            attempts = 1 if previous is None or previous.sha256 != sha256 else previous.attempts + 1
+            retry_at = None
+            if not permanent:
+                backoff = min(self.retry_max_s, self.retry_initial_s * 2 ** (attempts - 1))
+                retry_at = time.monotonic() + backoff
+            self._failures[version] = LoadFailure(
+                version=version,
+                sha256=sha256,
+                error_type=type(exc).__name__,
+                message=str(exc)[:500],
+                at=time.time(),
+                attempts=attempts,
+                retry_at=retry_at,
+            )
+            self.loads_failed += 1
+        log.warning(
+            "refused version %d (%s): %s%s",
+            version,
+            type(exc).__name__,
+            exc,
+            "" if permanent else f"; will retry after backoff (attempt {attempts})",
+        )
+
+    def _evict_locked(self) -> None:
+        while len(self._entries) > self.capacity:
+            victim = next((v for v in self._entries if v != self._protected), None)
+            if victim is None:
+                return
+            del self._entries[victim]
+            self.evictions_total += 1
+            log.info("evicted version %d from the version cache", victim)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "cached_versions": sorted(self._entries),
+                "capacity": self.capacity,
+                "loads_total": self.loads_total,
+                "loads_failed": self.loads_failed,
+                "evictions_total": self.evictions_total,
+                "hits": self.hits,
+                "misses": self.misses,
+                "last_load_seconds": self.last_load_seconds,
+                "failed_versions": {
+                    f.version: {"error": f.error_type, "attempts": f.attempts, "permanent": f.retry_at is None}
+                    for f in self._failures.values()
+                },
+            }
+
+
+def _with_seconds(entry: VersionEntry, seconds: float) -> VersionEntry:
+    object.__setattr__(entry, "load_seconds", seconds)
+    return entry
