@@ -44,7 +44,6 @@ __all__ = ["IntakeLimits", "StoredTask", "read_task_files", "submit_task", "vali
 
 # OS clutter that archivers add; skipped rather than refused, since users cannot easily avoid it.
 _IGNORED_PARTS = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
-_NAME = re.compile(r"^[\w][\w .,'()&+-]{0,99}$")
 _FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
 _STAGING_MAX_AGE_S = 3600.0
 
@@ -86,12 +85,19 @@ class StoredTask:
 
 
 def _check_name(value: str, what: str) -> str:
+    """Class and task names are labels shown to users: any printable text, but nothing path-like."""
     value = unicodedata.normalize("NFC", value)
-    if not _NAME.fullmatch(value) or value != value.strip():
-        raise ClassLayoutError(
-            f"{what} {value!r} is not allowed: use 1-100 letters, digits, spaces or _ . , ' ( ) & + -, "
-            "starting with a letter or digit"
-        )
+    problem = None
+    if not 1 <= len(value) <= 100:
+        problem = "it must be 1-100 characters long"
+    elif value != value.strip():
+        problem = "it starts or ends with whitespace"
+    elif value in (".", "..") or value.startswith("."):
+        problem = "it starts with '.'"
+    elif any(ch in "/\\" or not ch.isprintable() for ch in value):
+        problem = "it holds a slash, backslash or control character"
+    if problem:
+        raise ClassLayoutError(f"{what} {value!r} is not allowed: {problem}")
     return value
 
 
@@ -251,7 +257,7 @@ def validate_archive(path: Path, limits: IntakeLimits) -> dict[str, list[_Image]
         files = [(parts[1:], data) for parts, data in files]
         folders = {parts[1:] for parts in folders if len(parts) > 1}
     by_class: dict[str, list[_Image]] = {}
-    folded: dict[str, str] = {}
+    spellings: dict[str, str] = {}
     for parts, data in files:
         shown = "/".join(parts)
         if len(parts) != 2:
@@ -259,9 +265,11 @@ def validate_archive(path: Path, limits: IntakeLimits) -> dict[str, list[_Image]
                 f"{shown!r} is not inside a class folder: expected <class>/<image> (one folder per class)"
             )
         cls = _check_name(parts[0], "class name")
-        other = folded.setdefault(cls.casefold(), cls)
-        if other != cls:
-            raise ClassLayoutError(f"classes {other!r} and {cls!r} differ only in letter case; merge or rename one")
+        # Names equal after Unicode normalisation (composed vs decomposed accents) are one class
+        # spelled twice: refuse rather than guess which spelling the user meant.
+        other = spellings.setdefault(cls, parts[0])
+        if other != parts[0]:
+            raise ClassLayoutError(f"class folders {other!r} and {parts[0]!r} are the same class spelled twice")
         assert data is not None
         suffix = _decode(data, shown, limits.max_image_pixels)
         by_class.setdefault(cls, []).append(_Image(cls, shown, data, suffix))

@@ -225,14 +225,21 @@ MALICIOUS = {
         "fewer than 2",
     ),
     "duplicate class": (
-        lambda p: make_zip(p, {**good_members(), **{f"Cat/{i}.png": png(i) for i in range(3)}}),
+        lambda p: make_zip(
+            p,
+            {
+                **good_members(),
+                **{f"cafe\u0301/{i}.png": png(i) for i in range(3)},
+                **{f"caf\u00e9/{i}.png": png(i + 5) for i in range(3)},
+            },
+        ),
         ClassLayoutError,
-        "letter case",
+        "spelled twice",
     ),
     "duplicate entry": (_duplicate_entry, UnsafeArchiveError, "same path twice"),
     "loose file": (lambda p: make_zip(p, {**good_members(), "readme.png": png()}), ClassLayoutError, "class folder"),
     "bad class name": (
-        lambda p: make_zip(p, {**good_members(), **{f"-rf/{i}.png": png(i) for i in range(3)}}),
+        lambda p: make_zip(p, {**good_members(), **{f"bad\x01name/{i}.png": png(i) for i in range(3)}}),
         ClassLayoutError,
         "not allowed",
     ),
@@ -286,6 +293,13 @@ def test_pixel_limit(registry: Registry, tmp_path: Path) -> None:
             limits=IntakeLimits(max_image_pixels=200 * 200),
         )
     assert stored_nothing(registry)
+
+
+def test_case_distinct_and_symbol_class_names_are_fine(registry: Registry, tmp_path: Path) -> None:
+    task = submit_task(
+        registry, make_zip(tmp_path / "a.zip", good_members(("A", "a", "$", "café"))), name="glyphs", kind="class"
+    )
+    assert task.classes == ["A", "a", "$", "café"]
 
 
 def test_class_task_brings_only_new_classes_domain_task_may_reuse(registry: Registry, tmp_path: Path) -> None:
