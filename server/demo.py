@@ -52,6 +52,25 @@ class DemoResult:
         }
 
 
+class _ProgressPrinter:
+    """Prints a task's life once per epoch and per status change, not once per poll."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo = echo
+        self.last: tuple[str, int] = ("", 0)
+
+    def __call__(self, info: Any) -> None:
+        epoch = int(info.progress.get("epoch", 0) or 0)
+        if (info.status, epoch) == self.last:
+            return
+        self.last = (info.status, epoch)
+        if info.status == "training" and epoch:
+            loss = float(info.progress.get("loss", 0.0))
+            self.echo(f"  training epoch {epoch}/{info.progress.get('epochs')} loss {loss:.3f}")
+        elif info.status != "training":
+            self.echo(f"  {info.status}")
+
+
 def _table(result: DemoResult) -> str:
     width = max(8, *(len(t) for t in result.tasks))
     header = f"{'version':>7}  " + "  ".join(f"{t:>{width}}" for t in result.tasks) + f"  {'mean':>6}  adapter bytes"
@@ -124,17 +143,7 @@ def run_demo(
             started = time.monotonic()
             submitted = client.submit_task(archive, name=name, kind=kind)
             echo(f"submitted {name} ({len(labels)} classes, {len(task.train)} images) as task {submitted.id}")
-            last_epoch = [0]
-
-            def show(info: Any) -> None:
-                epoch = int(info.progress.get("epoch", 0) or 0)
-                if info.status == "training" and epoch != last_epoch[0]:
-                    last_epoch[0] = epoch
-                    echo(
-                        f"  training epoch {epoch}/{info.progress.get('epochs')} loss {info.progress.get('loss', 0):.3f}"
-                    )
-                elif info.status not in ("training", "queued"):
-                    echo(f"  {info.status}")
+            show = _ProgressPrinter(echo)
 
             done = client.wait_for_task(submitted.id, until="live", timeout=task_timeout_s, on_update=show)
             result.seconds_to_live.append(round(time.monotonic() - started, 1))
