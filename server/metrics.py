@@ -1,0 +1,158 @@
+"""Prometheus metrics, on a per-app ``CollectorRegistry`` (never the global one), so several apps in
+one process (tests, embedders) do not collide.
+
+Request metrics are observed by the request-context middleware (labelled by route *template*, so ids
+in paths never explode cardinality); engine and registry state is read at scrape time by a collector,
+so counters such as swaps include everything the engine did, even before the app subscribed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fmlora._version import __version__
+
+__all__ = ["CONTENT_TYPE", "ServerMetrics"]
+
+log = logging.getLogger("fmlora.server")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SWAP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _StateCollector(Collector):
+    """Reads engine stats and the registry's live version at scrape time."""
+
+    def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            s = self._state()
+        except Exception:  # a scrape must never fail because the engine or registry is unwell
+            log.exception("collecting server state for /metrics failed")
+            s = {}
+        ready = GaugeMetricFamily("fmlora_ready", "1 when this replica is ready to serve predictions.")
+        ready.add_metric([], 1.0 if s.get("ready") else 0.0)
+        yield ready
+        info = InfoMetricFamily("fmlora_build", "Library version, backbone, device, dtype and backend.")
+        info.add_metric(
+            [],
+            {k: str(s.get(k, "")) for k in ("backbone", "device", "dtype", "backend")} | {"version": __version__},
+        )
+        yield info
+        stats = s.get("stats") or {}
+        depth = GaugeMetricFamily("fmlora_queue_depth", "Images waiting for the model.")
+        depth.add_metric([], float(stats.get("queue_depth", 0) or 0))
+        yield depth
+        swaps = CounterMetricFamily("fmlora_swaps", "Version swaps attempted by this replica (ok and failed).")
+        swaps.add_metric([], float(stats.get("swaps_total", 0) or 0))
+        yield swaps
+        failed = CounterMetricFamily("fmlora_swaps_failed", "Swaps refused: the snapshot failed to load or verify.")
+        failed.add_metric([], float(stats.get("swaps_failed", 0) or 0))
+        yield failed
+        for name, key, doc in (
+            ("fmlora_live_version", "live_version", "The registry's live version (-1 if none)."),
+            ("fmlora_serving_version", "serving_version", "The version this replica serves (-1 if none)."),
+        ):
+            gauge = GaugeMetricFamily(name, doc)
+            value = s.get(key)
+            gauge.add_metric([], -1.0 if value is None else float(value))
+            yield gauge
+        adapter = GaugeMetricFamily("fmlora_adapter_bytes", "Adapter tensor bytes of the served version.")
+        adapter.add_metric([], float(s.get("adapter_bytes") or 0))
+        yield adapter
+        card = s.get("live_card") or {}
+        per_task = GaugeMetricFamily(
+            "fmlora_task_accuracy", "Held-out accuracy per task of the live version (its card).", labels=["task"]
+        )
+        accuracy = card.get("accuracy") if isinstance(card.get("accuracy"), dict) else {}
+        for task, value in accuracy.items():
+            if isinstance(value, (int, float)):
+                per_task.add_metric([str(task)], float(value))
+        yield per_task
+        for name, key, doc in (
+            ("fmlora_live_final_accuracy", "final_accuracy", "Accuracy over all classes of the live version."),
+            (
+                "fmlora_live_average_incremental_accuracy",
+                "average_incremental_accuracy",
+                "Average incremental accuracy of the live version.",
+            ),
+            ("fmlora_live_forgetting", "forgetting", "Mean forgetting of earlier tasks in the live version."),
+        ):
+            value = card.get(key)
+            if isinstance(value, (int, float)):
+                gauge = GaugeMetricFamily(name, doc)
+                gauge.add_metric([], float(value))
+                yield gauge
+
+
+class ServerMetrics:
+    """All metrics of one app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "fmlora_http_requests",
+            "HTTP requests by route template and status.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "fmlora_http_request_duration_seconds",
+            "HTTP request latency by route template and status.",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("fmlora_http_requests_in_flight", "HTTP requests being handled.", registry=r)
+        self.images = Counter("fmlora_predicted_images", "Images classified.", registry=r)
+        self.batch_size = Histogram(
+            "fmlora_batch_size", "Images per model forward pass.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "fmlora_batch_duration_seconds", "Model time per batch.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.swap_seconds = Histogram(
+            "fmlora_swap_duration_seconds",
+            "Time to load, verify and warm up a version before swapping to it.",
+            ["outcome"],
+            buckets=SWAP_BUCKETS,
+            registry=r,
+        )
+        self.tasks_submitted = Counter(
+            "fmlora_tasks_submitted", "Task uploads accepted (replays of an idempotency key excluded).", registry=r
+        )
+
+    def watch(self, state: Callable[[], dict[str, Any]]) -> None:
+        """Report engine and registry state, read from ``state()`` at every scrape."""
+        self.registry.register(_StateCollector(state))
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def request_started(self) -> None:
+        self.in_flight.inc()
+
+    def request_finished(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.in_flight.dec()
+        labels = (method, route, str(status))
+        self.requests.labels(*labels).inc()
+        self.latency.labels(*labels).observe(seconds)
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def on_swap(self, ok: bool, seconds: float, version: int | None = None) -> None:
+        self.swap_seconds.labels("ok" if ok else "failed").observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
