@@ -202,7 +202,18 @@ class MicroBatcher(Generic[T, R]):
             self._queued_items += n
             self._requests += 1
             self._cond.notify_all()
+        future.add_done_callback(lambda _, req=req: self._forget_if_cancelled(req))
         return future
+
+    def _forget_if_cancelled(self, req: _Request) -> None:
+        """A caller that gave up frees its queue slots at once (not when the thread next looks)."""
+        if not req.future.cancelled():
+            return
+        with self._cond:
+            if req in self._queue:
+                self._queue.remove(req)
+                self._queued_items -= req.waiting
+                req.next_index = len(req.items)
 
     async def run(self, key: Hashable, items: Sequence[T], timeout_s: float | None = None) -> list[R]:
         """Submit and await the results on the current event loop."""

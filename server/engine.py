@@ -56,6 +56,7 @@ __all__ = [
     "InvalidRequestError",
     "Prediction",
     "TorchBackend",
+    "model_crop_pct",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -84,8 +85,9 @@ class EngineConfig:
     poll_interval_s: float = 0.5
     backend: Literal["torch", "onnx"] = "torch"
     merge_adapters: bool = True
-    # Centre-crop fraction when resizing to the model's input size; training uses 1.0 (fmlora.data).
-    crop_pct: float = 1.0
+    # Centre-crop fraction when resizing to the model's input size. None: the model's timm data config
+    # value (capped at 1), which is what the worker trains with (fmlora.worker._image_set).
+    crop_pct: float | None = None
     watch: bool = True  # poll the registry's live pointer in a thread
     warmup_batch_sizes: tuple[int, ...] | None = None  # None: (1,) on CPU, (1, max_batch_size) on GPU
     preprocess_threads: int = 2
@@ -101,7 +103,7 @@ class EngineConfig:
             raise ValueError(f"backend must be 'torch' or 'onnx', got {self.backend!r}")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
-        if not 0 < self.crop_pct <= 1:
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise ValueError("crop_pct must be in (0, 1]")
         if self.preprocess_threads < 1 or self.prompt_weights_top < 0:
             raise ValueError("preprocess_threads must be >= 1 and prompt_weights_top >= 0")
@@ -139,6 +141,11 @@ class _Item:
     image: np.ndarray  # uint8 (H, W, 3) at the model's input size
     choice: PromptChoice
     top_k: int
+
+
+def model_crop_pct(model: FMLoRAModel) -> float:
+    """The centre-crop fraction training uses for this model: timm's data config value, capped at 1."""
+    return min(1.0, float(model.preprocessor.data_config.get("crop_pct", 1.0) or 1.0))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -271,6 +278,7 @@ class Engine:
         self.last_swap_at: float | None = None
         self._temperature = float(registry.model_config.prompts.temperature)
         self.input_size: tuple[int, int] | None = None
+        self.crop_pct = 1.0
 
     # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -293,6 +301,7 @@ class Engine:
         else:
             self._backend = TorchBackend(model, device, dtype, cfg.merge_adapters)
         self.input_size = self._backend.input_size
+        self.crop_pct = cfg.crop_pct if cfg.crop_pct is not None else model_crop_pct(model)
         self._cache = VersionCache(self.registry, self, capacity=cfg.cached_versions)
         self._prep_pool = concurrent.futures.ThreadPoolExecutor(cfg.preprocess_threads, "fmlora-preprocess")
         self._load_pool = concurrent.futures.ThreadPoolExecutor(2, "fmlora-loader")
@@ -413,6 +422,7 @@ class Engine:
             {
                 "backbone": self.registry.model_config.backbone.name,
                 "input_size": None if self.input_size is None else list(self.input_size),
+                "crop_pct": self.crop_pct,
                 "merged_adapters": cfg.merge_adapters,
                 "max_batch_size": cfg.max_batch_size,
                 "max_wait_ms": cfg.max_wait_ms,
@@ -589,16 +599,14 @@ class Engine:
         out = []
         for i, image in enumerate(images):
             try:
-                out.append(resize_for_model(as_rgb_array(image), size, self.config.crop_pct))
+                out.append(resize_for_model(as_rgb_array(image), size, self.crop_pct))
             except InvalidImageInput as exc:
                 raise InvalidImageInput(f"image {i}: {exc.message}") from None
         return out
 
     def _needs_resize(self, images: Sequence[Any]) -> bool:
         h, w = self._backend.input_size
-        return self.config.crop_pct != 1.0 or any(
-            not isinstance(im, np.ndarray) or im.shape[:2] != (h, w) for im in images
-        )
+        return self.crop_pct != 1.0 or any(not isinstance(im, np.ndarray) or im.shape[:2] != (h, w) for im in images)
 
     def _pinned(self, version: int) -> VersionEntry:
         assert self._cache is not None

@@ -1,0 +1,105 @@
+"""Fixtures for the serving core: a real registry, a trainer that publishes tiny versions, engines."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmlora import FMLoRAModel, save_snapshot
+from fmlora.config import ModelConfig
+from fmlora.registry import Registry
+from fmlora.snapshot import TENSOR_FILE
+from server.engine import Engine, EngineConfig
+from tests.conftest import tiny_config
+from tests.helpers import learn_quickly
+
+BACKBONE_SEED = 0
+
+
+def seeded_model(config: ModelConfig, seed: int = BACKBONE_SEED) -> FMLoRAModel:
+    """Random tiny backbones are equal (same fingerprint) when built under the same seed."""
+    torch.manual_seed(seed)
+    return FMLoRAModel(config)
+
+
+class Publisher:
+    """Plays the worker: learns tasks on a trainer model and publishes versions to the registry."""
+
+    def __init__(self, home: Path, config: ModelConfig):
+        self.config = config
+        self.registry = Registry.open(home, config)
+        self.trainer = seeded_model(config)
+        self.next_task = 0
+
+    def learn(self, name: str, classes: list[str]) -> None:
+        learn_quickly(self.trainer, name, classes, seed=self.next_task)
+        self.next_task += 1
+
+    def publish(self, model: FMLoRAModel | None = None, *, accepted: bool = True) -> int:
+        model = model or self.trainer
+        version = self.registry.next_version()
+        manifest = save_snapshot(model, self.registry.snapshot_dir(version), version=version)
+        self.registry.record_version(
+            version=version,
+            parent=self.registry.live_version(),
+            sha256=manifest.tensors_sha256,
+            tasks=[t.name for t in model.tasks],
+            card={},
+            adapter_bytes=manifest.adapter_bytes,
+            task_id=None,
+            accepted=accepted,
+        )
+        return version
+
+    def learn_and_publish(self, name: str, classes: list[str]) -> int:
+        self.learn(name, classes)
+        return self.publish()
+
+    def tensor_file(self, version: int) -> Path:
+        return self.registry.snapshot_dir(version) / TENSOR_FILE
+
+    def corrupt(self, version: int) -> None:
+        """Flip bytes in the middle of the tensor file (sha256 no longer matches)."""
+        path = self.tensor_file(version)
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+        os.chmod(path, 0o644)
+        path.write_bytes(bytes(data))
+
+    def truncate(self, version: int) -> None:
+        path = self.tensor_file(version)
+        data = path.read_bytes()
+        os.chmod(path, 0o644)
+        path.write_bytes(data[: len(data) // 3])
+
+
+@pytest.fixture
+def publisher(tmp_path: Path) -> Publisher:
+    return Publisher(tmp_path / "home", tiny_config())
+
+
+@pytest.fixture
+def make_engine(publisher: Publisher) -> Iterator:
+    engines: list[Engine] = []
+
+    def make(**overrides: object) -> Engine:
+        fields: dict[str, object] = {"device": "cpu", "poll_interval_s": 0.02, "max_wait_ms": 2.0}
+        fields.update(overrides)
+        engine = Engine(publisher.registry, EngineConfig(**fields), model=seeded_model(publisher.config))
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop(timeout_s=5)
+
+
+def image(seed: int, size: tuple[int, int] = (32, 32)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)

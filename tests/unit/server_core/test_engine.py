@@ -1,0 +1,335 @@
+"""The engine on a tiny model and a real registry: predictions, prompts, swaps, pinning, bad snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fmlora import FMLoRAModel, load_snapshot
+from fmlora.errors import PromptError, UnknownTaskError, VersionNotFoundError
+from server.engine import Engine, EngineConfig, InvalidRequestError, TorchBackend, model_crop_pct
+from server.errors_core import InvalidImageInput, NoModelError, NotReadyError, VersionUnavailableError
+from server.images import prepare_image
+from tests.conftest import TINY_RANDOM, tiny_config
+from tests.unit.server_core.conftest import Publisher, image, seeded_model
+
+
+def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def reference_probs(publisher: Publisher, version: int, images: list[np.ndarray], prompt: object = "auto"):
+    """What the version computes alone: a fresh model, the snapshot, the training preprocessing."""
+    model = seeded_model(publisher.config).eval()
+    load_snapshot(model, publisher.registry.snapshot_dir(version))
+    size = model.preprocessor.input_size
+    arrays = np.stack([prepare_image(im, size, model_crop_pct(model)) for im in images])
+    x = model.preprocessor(torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous())
+    with torch.no_grad():
+        return model(x, prompt).softmax(-1), model.labels
+
+
+def test_ready_without_a_live_version_but_predict_is_503(make_engine):
+    engine = make_engine()
+    assert engine.ready and engine.serving_version is None and engine.labels == []
+    with pytest.raises(NoModelError) as info:
+        asyncio.run(engine.predict([image(0)]))
+    assert info.value.status_code == 503 and info.value.retry_after
+
+
+def test_predict_before_start_and_after_stop_is_not_ready(publisher):
+    engine = Engine(publisher.registry, EngineConfig(device="cpu"), model=seeded_model(publisher.config))
+    with pytest.raises(NotReadyError):
+        asyncio.run(engine.predict([image(0)]))
+    engine.start()
+    engine.stop(2)
+    with pytest.raises(NotReadyError):
+        asyncio.run(engine.predict([image(0)]))
+
+
+def test_predictions_equal_the_version_run_alone(publisher, make_engine):
+    v1 = publisher.learn_and_publish("digits", ["one", "two", "three"])
+    engine = make_engine()
+    assert engine.serving_version == v1 and engine.labels == ["one", "two", "three"]
+    images = [image(1), image(2, (50, 17)), image(3, (1, 1))]
+    prediction = asyncio.run(engine.predict(images, top_k=3))
+    assert prediction.model_version == v1
+    assert prediction.snapshot_sha256 == publisher.registry.get_version(v1).sha256
+    probs, labels = reference_probs(publisher, v1, images)
+    for row, result in enumerate(prediction.results):
+        assert [p["task"] for p in result.predictions] == ["digits"] * 3
+        got = {p["label"]: p["score"] for p in result.predictions}
+        expected = {label: float(probs[row, j]) for j, label in enumerate(labels)}
+        assert got.keys() == expected.keys()
+        for label in got:
+            assert got[label] == pytest.approx(expected[label], abs=1e-5)
+        scores = [p["score"] for p in result.predictions]
+        assert scores == sorted(scores, reverse=True)
+    # top_k larger than the label count is clipped; smaller is honoured
+    assert len(asyncio.run(engine.predict([image(1)], top_k=10)).results[0].predictions) == 3
+    assert len(engine.predict_sync([image(1)], top_k=1).results[0].predictions) == 1
+
+
+def test_prompt_modes_and_reported_meta_prompt(publisher, make_engine):
+    publisher.learn("animals", ["cat", "dog"])
+    publisher.learn_and_publish("vehicles", ["car", "bus"])
+    engine = make_engine()
+    img = [image(5)]
+    auto = asyncio.run(engine.predict(img, prompt="auto")).results[0].prompt
+    assert auto["mode"] == "auto" and auto["task"] in ("animals", "vehicles")
+    assert set(auto["weights"]) == {"animals", "vehicles"}
+    assert sum(auto["weights"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert auto["task"] == max(auto["weights"], key=auto["weights"].get)
+    named = asyncio.run(engine.predict(img, prompt={"task": "animals"})).results[0].prompt
+    assert named["mode"] == "task" and named["task"] == "animals"
+    assert max(named["weights"], key=named["weights"].get) == "animals"
+    none = asyncio.run(engine.predict(img, prompt="none")).results[0].prompt
+    assert none == {"mode": "none", "task": None, "weights": {}}
+    # Each prompt mode gives exactly what the model computes alone with that prompt.
+    for prompt in ("auto", "none", {"task": "animals"}, {"task": "vehicles"}):
+        result = asyncio.run(engine.predict(img, top_k=4, prompt=prompt)).results[0]
+        probs, labels = reference_probs(publisher, engine.serving_version, img, prompt)
+        for p in result.predictions:
+            assert p["score"] == pytest.approx(float(probs[0, labels.index(p["label"])]), abs=1e-5)
+
+
+def test_request_errors(publisher, make_engine):
+    publisher.learn_and_publish("animals", ["cat", "dog"])
+    engine = make_engine()
+    with pytest.raises(UnknownTaskError, match="known: animals"):
+        asyncio.run(engine.predict([image(0)], prompt={"task": "plants"}))
+    with pytest.raises(PromptError):
+        asyncio.run(engine.predict([image(0)], prompt="sometimes"))
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(engine.predict([image(0)], top_k=0))
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(engine.predict([]))
+    with pytest.raises(InvalidImageInput, match="image 1"):
+        asyncio.run(engine.predict([image(0), np.zeros((4, 4, 3), dtype=np.float32)]))
+    with pytest.raises(VersionNotFoundError):
+        asyncio.run(engine.predict([image(0)], version=99))
+
+
+def test_mixed_prompts_in_one_batch_do_not_interfere(publisher, make_engine):
+    """Concurrent requests with different prompts share batches; each gets its own prompt's answer,
+    and a request naming an unknown task fails alone (validated before batching)."""
+    publisher.learn("animals", ["cat", "dog"])
+    publisher.learn_and_publish("vehicles", ["car", "bus"])
+    engine = make_engine(max_wait_ms=50.0)
+    prompts = ["auto", "none", {"task": "animals"}, {"task": "nope"}, {"task": "vehicles"}]
+
+    async def main():
+        return await asyncio.gather(
+            *(engine.predict([image(7)], top_k=4, prompt=p) for p in prompts), return_exceptions=True
+        )
+
+    results = asyncio.run(main())
+    assert isinstance(results[3], UnknownTaskError)
+    assert engine.stats()["batches_total"] < 4  # they were batched together
+    for prompt, prediction in zip(prompts, results, strict=True):
+        if prompt == {"task": "nope"}:
+            continue
+        probs, labels = reference_probs(publisher, engine.serving_version, [image(7)], prompt)
+        for p in prediction.results[0].predictions:
+            assert p["score"] == pytest.approx(float(probs[0, labels.index(p["label"])]), abs=1e-5)
+
+
+def test_swaps_are_atomic_under_a_concurrent_stream(publisher, make_engine):
+    """While the live version flips between v1 and v2, every answer equals what its version computes
+    alone: no batch ever mixes versions or sees a half-loaded adapter."""
+    v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
+    v2 = publisher.learn_and_publish("vehicles", ["car", "bus", "van"])
+    engine = make_engine(max_wait_ms=1.0, max_batch_size=4)
+    imgs = [image(10 + i) for i in range(4)]
+    refs = {v: reference_probs(publisher, v, imgs) for v in (v1, v2)}
+    stop = threading.Event()
+    flips = []
+
+    def flipper() -> None:
+        version = v1
+        while not stop.is_set():
+            publisher.registry.activate(version)
+            flips.append(version)
+            version = v2 if version == v1 else v1
+            time.sleep(0.03)
+
+    async def client(index: int) -> list:
+        out = []
+        while not stop.is_set():
+            prediction = await engine.predict([imgs[index]], top_k=5)
+            out.append((index, prediction))
+        return out
+
+    async def main() -> list:
+        thread = threading.Thread(target=flipper)
+        thread.start()
+        try:
+            tasks = [asyncio.ensure_future(client(i)) for i in range(4)]
+            await asyncio.sleep(1.2)
+        finally:
+            stop.set()
+            thread.join()
+        return [item for chunk in await asyncio.gather(*tasks) for item in chunk]
+
+    answers = asyncio.run(main())
+    seen = {p.model_version for _, p in answers}
+    assert seen == {v1, v2}, "the stream should have crossed several swaps"
+    assert engine.stats()["swaps_total"] >= 4
+    for index, prediction in answers:
+        probs, labels = refs[prediction.model_version]
+        result = prediction.results[0]
+        assert {p["label"] for p in result.predictions} == set(labels)
+        for p in result.predictions:
+            assert p["score"] == pytest.approx(float(probs[index, labels.index(p["label"])]), abs=1e-5)
+
+
+def test_bad_snapshots_are_refused_counted_and_not_retried(publisher, make_engine):
+    good = publisher.learn_and_publish("animals", ["cat", "dog"])
+    swaps: list[tuple[bool, int | None]] = []
+    engine = make_engine()
+    engine.on_swap(lambda ok, seconds, version: swaps.append((ok, version)))
+    assert engine.serving_version == good
+
+    corrupt = publisher.publish()
+    publisher.corrupt(corrupt)
+    truncated = publisher.publish()
+    publisher.truncate(truncated)
+    # Incompatible: a snapshot trained on another backbone (different weights, same layout).
+    other = seeded_model(publisher.config, seed=1)
+    publisher_other = Publisher.__new__(Publisher)
+    publisher_other.__dict__.update(publisher.__dict__, trainer=other, next_task=0)
+    publisher_other.learn("animals", ["cat", "dog"])
+    incompatible = publisher_other.publish()
+    # Finite tensors whose outputs overflow: refused by the warm-up.
+    blown = seeded_model(publisher.config)
+    load_snapshot(blown, publisher.registry.snapshot_dir(good))
+    with torch.no_grad():
+        blown.head.frozen_weight.fill_(3e38)
+    overflow = publisher.publish(blown)
+
+    for bad in (corrupt, truncated, incompatible, overflow):
+        publisher.registry.activate(bad) if publisher.registry.live_version() != bad else None
+        wait_for(lambda bad=bad: engine.stats()["versions"]["failed_versions"].get(bad) is not None)
+        # Good traffic keeps flowing on the good version.
+        assert asyncio.run(engine.predict([image(1)])).model_version == good
+    stats = engine.stats()
+    assert stats["swaps_failed"] == 4 and engine.serving_version == good
+    assert set(stats["versions"]["failed_versions"]) == {corrupt, truncated, incompatible, overflow}
+    assert stats["versions"]["failed_versions"][overflow]["error"] == "SnapshotWarmupError"
+    assert [ok for ok, _ in swaps] == [False] * 4
+    loads_failed = stats["versions"]["loads_failed"]
+    time.sleep(0.2)  # ten polls: the live pointer still names a bad version, which is not retried
+    assert engine.stats()["versions"]["loads_failed"] == loads_failed
+    # Pinning a bad version is a clear refusal, not a 500.
+    with pytest.raises(VersionUnavailableError):
+        asyncio.run(engine.predict([image(1)], version=corrupt))
+    # Rolling back to the good one is instant and counted as a swap.
+    publisher.registry.activate(good)
+    assert engine.reload() == good
+    assert asyncio.run(engine.predict([image(1)])).model_version == good
+
+
+def test_pinning_an_older_version_and_eviction(publisher, make_engine):
+    versions = [publisher.learn_and_publish(f"task{i}", [f"c{i}a", f"c{i}b"]) for i in range(4)]
+    engine = make_engine(cached_versions=2)
+    live = versions[-1]
+    assert engine.serving_version == live
+    for v in versions[:3]:
+        prediction = asyncio.run(engine.predict([image(3)], version=v, top_k=50))
+        assert prediction.model_version == v
+        assert len(prediction.results[0].predictions) == 2 * (v - versions[0] + 1)
+        cached = engine.stats()["versions"]["cached_versions"]
+        assert len(cached) <= 2 and live in cached  # the serving version is never evicted
+    assert engine.stats()["versions"]["evictions_total"] >= 2
+    # A cached pinned version costs no load; the live one keeps serving unpinned requests.
+    loads = engine.stats()["versions"]["loads_total"]
+    assert asyncio.run(engine.predict([image(3)], version=versions[2])).model_version == versions[2]
+    assert engine.stats()["versions"]["loads_total"] == loads
+    assert asyncio.run(engine.predict([image(3)])).model_version == live
+
+
+def test_explicit_reload_without_the_watcher(publisher, make_engine):
+    engine = make_engine(watch=False)
+    assert engine.serving_version is None
+    v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
+    time.sleep(0.1)
+    assert engine.serving_version is None  # nobody polls
+    assert engine.reload() == v1 and engine.labels == ["cat", "dog"]
+    assert asyncio.run(engine.areload()) == v1
+
+
+def test_start_falls_back_when_the_live_snapshot_is_bad(publisher, make_engine):
+    good = publisher.learn_and_publish("animals", ["cat", "dog"])
+    bad = publisher.learn_and_publish("vehicles", ["car"])
+    publisher.corrupt(bad)
+    engine = make_engine()
+    assert engine.ready and engine.serving_version == good
+    assert engine.stats()["swaps_failed"] == 1
+
+
+def test_batch_hooks_and_stats(publisher, make_engine):
+    publisher.learn_and_publish("animals", ["cat", "dog"])
+    engine = make_engine()
+    sizes: list[int] = []
+    engine.on_batch(lambda size, seconds: sizes.append(size))
+    asyncio.run(engine.predict([image(i) for i in range(5)]))
+    assert sum(sizes) == 5
+    stats = engine.stats()
+    for key in ("queue_depth", "swaps_total", "swaps_failed", "last_swap_seconds", "batches_total", "mean_batch_size"):
+        assert key in stats
+    info = engine.describe()
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["input_size"] == [32, 32]
+
+
+def test_stop_drains_in_flight_predictions(publisher, make_engine):
+    publisher.learn_and_publish("animals", ["cat", "dog"])
+    engine = make_engine(max_batch_size=2, max_wait_ms=20.0)
+
+    async def main():
+        tasks = [asyncio.ensure_future(engine.predict([image(i)])) for i in range(8)]
+        await asyncio.sleep(0.005)
+        drained = await asyncio.get_running_loop().run_in_executor(None, engine.stop, 10.0)
+        return drained, await asyncio.gather(*tasks)
+
+    drained, predictions = asyncio.run(main())
+    assert drained and len(predictions) == 8 and all(p.model_version == 1 for p in predictions)
+    assert not engine.ready
+
+
+@pytest.mark.parametrize("input_norm", ["timm", "per-image"])
+def test_device_side_normalisation_equals_the_preprocessor(input_norm):
+    backbone = TINY_RANDOM.model_copy(update={"input_norm": input_norm})
+    model = FMLoRAModel(tiny_config(backbone))
+    backend = TorchBackend(model, torch.device("cpu"), torch.float32, merge=False)
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(backend.normalize(x), model.preprocessor(x))
+
+
+def test_merged_and_unmerged_engines_agree(publisher, make_engine):
+    publisher.learn_and_publish("animals", ["cat", "dog", "cow"])
+    merged = make_engine(merge_adapters=True)
+    plain = make_engine(merge_adapters=False)
+    imgs = [image(i) for i in range(3)]
+    a = merged.predict_sync(imgs, top_k=3)
+    b = plain.predict_sync(imgs, top_k=3)
+    for ra, rb in zip(a.results, b.results, strict=True):
+        sa = {p["label"]: p["score"] for p in ra.predictions}
+        sb = {p["label"]: p["score"] for p in rb.predictions}
+        assert sa.keys() == sb.keys()
+        assert all(sa[k] == pytest.approx(sb[k], abs=1e-5) for k in sa)
+
+
+def test_crop_follows_the_training_recipe(publisher, make_engine):
+    engine = make_engine()
+    model = seeded_model(publisher.config)
+    # fmlora.worker trains with min(1, data_config crop_pct); serving must resize the same way.
+    assert engine.crop_pct == min(1.0, float(model.preprocessor.data_config.get("crop_pct", 1.0) or 1.0))
