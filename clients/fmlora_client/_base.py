@@ -23,6 +23,7 @@ from ._version import __version__
 from .errors import (
     APIConnectionError,
     APIResponseValidationError,
+    APIStatusError,
     APITimeoutError,
     InvalidInputError,
     TaskFailedError,
@@ -155,7 +156,7 @@ def merge_predictions(chunks: list[tuple[int, Prediction]]) -> Prediction:
                 update = {"model_version": chunk.model_version, "snapshot_sha256": chunk.snapshot_sha256}
                 results.append(result.model_copy(update=update))
     last = chunks[-1][1] if chunks else Prediction()
-    return Prediction(model_version=last.model_version, snapshot_sha256=last.snapshot_sha256, results=results)
+    return last.model_copy(update={"results": results})  # the last answer's version and extra fields
 
 
 def check_batch_answer(prediction: Prediction, sent: int, response: httpx.Response) -> None:
@@ -326,10 +327,8 @@ class BaseClient:
         log.info("retrying %s %s in %.2fs (retry %d) after %s", spec.method, spec.path, delay, attempt + 1, why)
 
     @staticmethod
-    def _raise_for_status(response: httpx.Response) -> None:
-        if response.is_success:
-            return
-        raise status_error_from_response(response, retry_after=retry_after_from(response))
+    def _status_error(response: httpx.Response) -> APIStatusError:
+        return status_error_from_response(response, retry_after=retry_after_from(response))
 
     @staticmethod
     def _json(response: httpx.Response) -> Any:

@@ -190,10 +190,13 @@ def iter_batches(images: Any, batch_size: int, max_batch_bytes: int) -> Iterator
     size = 0
     for index, image in enumerate(iter_images(images)):
         encoded = encode_image(image, index)
-        if batch and (len(batch) >= batch_size or size + len(encoded.data) > max_batch_bytes):
+        if batch and size + len(encoded.data) > max_batch_bytes:
             yield batch
             batch, size = [], 0
         batch.append(encoded)
         size += len(encoded.data)
+        if len(batch) >= batch_size:  # send a full batch before reading (encoding) the next image
+            yield batch
+            batch, size = [], 0
     if batch:
         yield batch

@@ -131,7 +131,7 @@ class AsyncClient(BaseClient):
                     return response
                 delay = self._retry_delay_for_status(spec, attempt, response)
                 if delay is None:
-                    self._raise_for_status(response)
+                    raise self._status_error(response)
                 self._log_retry(spec, attempt, delay, f"HTTP {response.status_code}")
                 await response.aclose()
             await self._sleep(delay)

@@ -174,18 +174,17 @@ def format_models(info: ModelsInfo) -> str:
         return header + "\nno versions"
     rows = []
     for v in info.versions:
-        marks = [m for m, on in (("live", v.version == info.live), ("serving", v.version == info.serving)) if on]
         rows.append(
             [
                 v.version,
                 v.state or "",
-                ",".join(marks),
+                "*" if v.version == info.serving else "",
                 ", ".join(v.tasks),
                 *(_card_value(v, key) for key in _CARD_KEYS),
                 (v.sha256 or "")[:12],
             ]
         )
-    headers = ["VERSION", "STATE", "", "TASKS", "FINAL_ACC", "AVG_INC_ACC", "FORGETTING", "SHA256"]
+    headers = ["VERSION", "STATE", "SERVED", "TASKS", "FINAL_ACC", "AVG_INC_ACC", "FORGETTING", "SHA256"]
     return header + "\n" + _table(headers, rows)
 
 
@@ -260,6 +259,8 @@ def submit(
 
 def tasks(
     task_id: Annotated[str | None, typer.Argument(help="Show one task in detail")] = None,
+    status: Annotated[str | None, typer.Option("--status", help="Only tasks in this status")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many")] = None,
     as_json: JsonOpt = False,
     url: UrlOpt = None,
     api_key: ApiKeyOpt = None,
@@ -272,7 +273,7 @@ def tasks(
             task = client.get_task(task_id)
             typer.echo(_dump(task) if as_json else format_task(task))
             return
-        items = client.list_tasks()
+        items = client.list_tasks(limit=limit, status=status)
     typer.echo(_dump(items) if as_json else format_tasks(items))
 
 

@@ -125,7 +125,7 @@ class Client(BaseClient):
                     return response
                 delay = self._retry_delay_for_status(spec, attempt, response)
                 if delay is None:
-                    self._raise_for_status(response)
+                    raise self._status_error(response)
                 self._log_retry(spec, attempt, delay, f"HTTP {response.status_code}")
                 response.close()
             self._sleep(delay)
