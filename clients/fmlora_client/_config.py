@@ -56,9 +56,10 @@ class ClientSettings:
         )
 
     def key_for(self, auth: str) -> str | None:
-        """The bearer key for a call: the admin key for admin calls; the API key, else the admin key, otherwise."""
+        """The bearer key for a call: admin calls send the admin key, other calls the API key; either falls
+        back to the other when it is missing (the server then answers 403 rather than a puzzling 401)."""
         if auth == "admin":
-            return self.admin_key
+            return self.admin_key or self.api_key
         if auth == "api":
             return self.api_key or self.admin_key
         return None

@@ -47,8 +47,8 @@ class Client(BaseClient):
     """Synchronous client for an fmlora server.
 
     ``base_url``, ``api_key`` and ``admin_key`` default to ``FMLORA_URL`` (else http://127.0.0.1:8000),
-    ``FMLORA_API_KEY`` and ``FMLORA_ADMIN_KEY``. The admin key is sent for ``submit_task`` and ``activate``;
-    every other call sends the API key, or the admin key when there is no API key.
+    ``FMLORA_API_KEY`` and ``FMLORA_ADMIN_KEY``. The admin key is sent for ``submit_task`` and ``activate``,
+    the API key for every other call; each falls back to the other when it is not set.
 
     ``timeout`` defaults to 60 s (10 s to connect); ``max_retries`` (default 2) applies to idempotent calls
     only. Pass ``transport=`` (e.g. ``httpx.MockTransport``) or a ready ``http_client=``; an injected

@@ -73,12 +73,19 @@ def test_api_calls_fall_back_to_the_admin_key(server, make_client):
     assert server.requests[-1].headers["authorization"] == "Bearer only-admin"
 
 
+def test_admin_calls_fall_back_to_the_api_key(server, make_client):
+    server.on("POST", "/models/1/activate", httpx.Response(200, json={"live": 1}))
+    make_client(api_key="api-only").activate(1)  # the server answers 403, not "missing Authorization"
+    assert server.requests[-1].headers["authorization"] == "Bearer api-only"
+
+
 def test_no_key_sends_no_authorization(server, make_client):
     server.on("GET", "/models", httpx.Response(200, json=models_body(1, 1)))
     server.on("POST", "/models/1/activate", httpx.Response(200, json={"live": 1}))
-    client = make_client(api_key="api-only")
-    client.activate(1)  # the admin call never leaks the API key as if it were an admin key
-    assert "authorization" not in server.requests[-1].headers
+    client = make_client()
+    client.models()
+    client.activate(1)
+    assert all("authorization" not in r.headers for r in server.requests)
 
 
 def test_base_url_with_a_path_prefix_and_user_agent(server):
