@@ -206,8 +206,12 @@ def _load_plugins(target: typer.Typer) -> None:
         register(target)
 
 
-_load_plugins(app)
+def main() -> None:
+    """The ``fmlora`` console script: library commands plus those of installed plugins."""
+    # Loaded here, not at import: importing fmlora.cli must not import the web stack.
+    _load_plugins(app)
+    app()
 
 
 if __name__ == "__main__":
-    app()
+    main()
