@@ -18,6 +18,9 @@ What is here (a stable API: other scripts import it):
   ``.pid``, ``.admin_key``, ``.log_tail()``
 * images and requests: ``random_images(n, size, seed)``, ``encode_image(array, fmt)``,
   ``predict_body(blobs, top_k, prompt)``
+* HTTP load: ``http_load(url, body, concurrency=.., seconds=..)`` (closed loop, asyncio httpx) →
+  ``LoadResult`` (status counts, latencies of 200s, Retry-After seen, client timeouts);
+  ``scrape_metrics(url)`` → ``{"name{labels}": value}`` from GET /metrics
 * plots: ``plot_bars(path, groups, series, ...)``, ``plot_lines(path, x, series, ...)``
 
 Every result file says which machine, torch, commit and command produced it. Benchmarks measure; they
@@ -26,6 +29,7 @@ never assert speed (the tests under tests/integration/bench assert the output's 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime as _dt
@@ -56,6 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 __all__ = [
     "REPO",
     "BenchHome",
+    "LoadResult",
     "ServerError",
     "ServerProcess",
     "backbone_config",
@@ -64,6 +69,8 @@ __all__ = [
     "free_port",
     "git_commit",
     "gpu_memory_bytes",
+    "http_load",
+    "http_load_async",
     "learn_quickly",
     "limit_threads",
     "machine_info",
@@ -73,10 +80,12 @@ __all__ = [
     "plot_bars",
     "plot_lines",
     "predict_body",
+    "process_cpu_seconds",
     "publish_version",
     "random_images",
     "ratio",
     "rss_bytes",
+    "scrape_metrics",
     "summarize",
     "write_json",
 ]
@@ -672,6 +681,174 @@ def predict_body(blobs: Iterable[bytes], top_k: int = 5, prompt: Any = "auto", v
     if version is not None:
         body["version"] = version
     return json.dumps(body).encode()
+
+
+# -- HTTP load ---------------------------------------------------------------------------------------
+@dataclass
+class LoadResult:
+    """What a closed-loop HTTP load phase saw. ``statuses``: HTTP status → count (0 = no answer:
+    ``client_timeouts`` + ``connection_errors``). ``latencies_s``: of 200 answers only."""
+
+    concurrency: int
+    wall_s: float
+    images_per_request: int
+    statuses: dict[int, int] = field(default_factory=dict)
+    latencies_s: list[float] = field(default_factory=list)
+    error_latencies_s: list[float] = field(default_factory=list)
+    retry_after: dict[int, int] = field(default_factory=dict)  # status → answers that carried Retry-After
+    retry_after_values: list[float] = field(default_factory=list)
+    client_timeouts: int = 0
+    connection_errors: int = 0
+    error_types: dict[str, int] = field(default_factory=dict)
+    client_cpu_s: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(200, 0)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.ok * self.images_per_request / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "concurrency": self.concurrency,
+            "images_per_request": self.images_per_request,
+            "wall_s": round(self.wall_s, 3),
+            "requests": self.requests,
+            "ok": self.ok,
+            "requests_per_s": round(self.ok / self.wall_s, 3) if self.wall_s > 0 else None,
+            "images_per_s": round(self.images_per_s, 3),
+            "latency": summarize(self.latencies_s),
+            "error_latency": summarize(self.error_latencies_s),
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "retry_after": {str(k): v for k, v in sorted(self.retry_after.items())},
+            "retry_after_max_s": max(self.retry_after_values) if self.retry_after_values else None,
+            "client_timeouts": self.client_timeouts,
+            "connection_errors": self.connection_errors,
+            "error_types": dict(sorted(self.error_types.items())),
+            "client_cpu_s": round(self.client_cpu_s, 3),
+        }
+
+
+async def http_load_async(
+    url: str,
+    body: bytes | Sequence[bytes],
+    *,
+    concurrency: int,
+    seconds: float,
+    images_per_request: int = 1,
+    path: str = "/predict",
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = 60.0,
+    reject_pause_s: float = 0.0,
+    max_requests: int | None = None,
+    min_requests_per_client: int = 0,
+) -> LoadResult:
+    """``concurrency`` clients each POST ``body`` (or the bodies in turn) back to back for ``seconds``.
+
+    A client that gets 429/503 pauses ``reject_pause_s`` (0: none) before its next request, as a
+    polite client would, instead of spinning on rejections. Requests started before the deadline are
+    awaited and counted; ``wall_s`` runs to the last answer. Each client sends at least
+    ``min_requests_per_client`` requests (``seconds=0, min_requests_per_client=1``: a warm-up), and all
+    together at most ``max_requests``.
+    """
+    import httpx
+
+    bodies = [body] if isinstance(body, (bytes, bytearray)) else list(body)
+    hdrs = {"content-type": "application/json", **(headers or {})}
+    result = LoadResult(concurrency=concurrency, wall_s=0.0, images_per_request=images_per_request)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0))
+    started = time.perf_counter()
+    deadline = started + seconds
+    counter = 0
+    cpu0 = time.process_time()
+
+    async def one_client(client: httpx.AsyncClient, index: int) -> None:
+        nonlocal counter
+        i = index
+        sent = 0
+        while (time.perf_counter() < deadline or sent < min_requests_per_client) and (
+            max_requests is None or counter < max_requests
+        ):
+            counter += 1
+            sent += 1
+            payload = bodies[i % len(bodies)]
+            i += concurrency
+            t0 = time.perf_counter()
+            try:
+                resp = await client.post(url + path, content=payload, headers=hdrs)
+            except httpx.TimeoutException:
+                result.client_timeouts += 1
+                result.statuses[0] = result.statuses.get(0, 0) + 1
+                continue
+            except httpx.TransportError:
+                result.connection_errors += 1
+                result.statuses[0] = result.statuses.get(0, 0) + 1
+                await asyncio.sleep(0.05)
+                continue
+            elapsed = time.perf_counter() - t0
+            status = resp.status_code
+            result.statuses[status] = result.statuses.get(status, 0) + 1
+            if status == 200:
+                result.latencies_s.append(elapsed)
+                continue
+            result.error_latencies_s.append(elapsed)
+            retry = resp.headers.get("retry-after")
+            if retry is not None:
+                result.retry_after[status] = result.retry_after.get(status, 0) + 1
+                with contextlib.suppress(ValueError):
+                    result.retry_after_values.append(float(retry))
+            try:
+                kind = str(resp.json()["error"]["type"])
+            except Exception:
+                kind = f"http_{status}"
+            result.error_types[kind] = result.error_types.get(kind, 0) + 1
+            if status in (429, 503) and reject_pause_s > 0:
+                await asyncio.sleep(reject_pause_s)
+
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        await asyncio.gather(*(one_client(client, k) for k in range(concurrency)))
+    result.wall_s = time.perf_counter() - started
+    result.client_cpu_s = time.process_time() - cpu0
+    return result
+
+
+def http_load(url: str, body: bytes | Sequence[bytes], **kwargs: Any) -> LoadResult:
+    """``http_load_async`` on a fresh event loop (see there for the arguments)."""
+    return asyncio.run(http_load_async(url, body, **kwargs))
+
+
+def scrape_metrics(url: str, timeout: float = 10.0) -> dict[str, float]:
+    """GET /metrics → ``{"name{labels}": value}`` (Prometheus text format; comments skipped)."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as resp:
+            text = resp.read().decode("utf-8", "replace")
+    except (OSError, urllib.error.URLError):
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            out[name] = float(value)
+    return out
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` so far (from /proc/<pid>/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # -- plots -----------------------------------------------------------------------------------------
