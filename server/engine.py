@@ -270,6 +270,8 @@ class Engine:
         self._prep_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._load_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._swap_lock = threading.Lock()
+        self._inflight = 0  # predictions accepted and not yet answered
+        self._inflight_cond = threading.Condition()
         self._batch_callbacks: list[Callable[[int, float], None]] = []
         self._swap_callbacks: list[Callable[[bool, float, int | None], None]] = []
         self.swaps_total = 0
@@ -362,17 +364,26 @@ class Engine:
         log.error("no published version can be served; predictions answer 503")
 
     def stop(self, timeout_s: float = 30.0) -> bool:
-        """Stop accepting requests, finish the queued ones (up to ``timeout_s``), stop the threads."""
+        """Stop accepting requests, finish the accepted ones (up to ``timeout_s``), stop the threads.
+
+        Call it from a thread other than the event loop that awaits predictions (or use ``astop``):
+        the accepted requests need their loop to finish. Returns True when all of them finished.
+        """
         with self._lock:
             if not self._started or self._stopping:
                 return True
             self._stopping = True
-        self._ready = False
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._inflight_cond:  # after this, every accepted request is counted in _inflight
+            self._ready = False
         if self._watcher is not None:
             self._watcher.stop()
-        drained = True
+        with self._inflight_cond:  # requests still resizing or loading a pinned version
+            while self._inflight > 0 and time.monotonic() < deadline:
+                self._inflight_cond.wait(deadline - time.monotonic())
+            drained = self._inflight == 0
         if self._batcher is not None:
-            drained = self._batcher.stop(timeout_s)
+            drained = self._batcher.stop(max(0.0, deadline - time.monotonic())) and drained
         for pool in (self._prep_pool, self._load_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -380,6 +391,9 @@ class Engine:
             self._backend.close()
         log.info("engine stopped (%s)", "drained" if drained else "queue not drained before the timeout")
         return drained
+
+    async def astop(self, timeout_s: float = 30.0) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(None, self.stop, timeout_s)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -626,7 +640,26 @@ class Engine:
         timeout_s: float | None = None,
     ) -> Prediction:
         """Classify ``images`` (uint8 (H, W, 3) arrays of any size) on the live or a pinned version."""
-        self._check_ready()
+        self._enter()
+        try:
+            return await self._predict(images, top_k, prompt, version, timeout_s)
+        finally:
+            self._leave()
+
+    def _enter(self) -> None:
+        with self._inflight_cond:
+            self._check_ready()
+            self._inflight += 1
+
+    def _leave(self) -> None:
+        with self._inflight_cond:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._inflight_cond.notify_all()
+
+    async def _predict(
+        self, images: Sequence[np.ndarray], top_k: int, prompt: Any, version: int | None, timeout_s: float | None
+    ) -> Prediction:
         assert self._batcher is not None
         timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
@@ -670,7 +703,15 @@ class Engine:
         timeout_s: float | None = None,
     ) -> Prediction:
         """``predict`` for callers without an event loop (benchmarks, tests, scripts)."""
-        self._check_ready()
+        self._enter()
+        try:
+            return self._predict_sync(images, top_k, prompt, version, timeout_s)
+        finally:
+            self._leave()
+
+    def _predict_sync(
+        self, images: Sequence[np.ndarray], top_k: int, prompt: Any, version: int | None, timeout_s: float | None
+    ) -> Prediction:
         assert self._batcher is not None
         choice, k = self._parse_request(images, top_k, prompt)
         if version is None:

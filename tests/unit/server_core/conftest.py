@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +40,16 @@ class Publisher:
         learn_quickly(self.trainer, name, classes, seed=self.next_task)
         self.next_task += 1
 
-    def publish(self, model: FMLoRAModel | None = None, *, accepted: bool = True) -> int:
+    def publish(
+        self, model: FMLoRAModel | None = None, *, accepted: bool = True, tamper: Callable[[int], None] | None = None
+    ) -> int:
+        """Save and record a version (live when ``accepted``); ``tamper(version)`` damages the files
+        before the registry records them, so no reader can see the good files first."""
         model = model or self.trainer
         version = self.registry.next_version()
         manifest = save_snapshot(model, self.registry.snapshot_dir(version), version=version)
+        if tamper is not None:
+            tamper(version)
         self.registry.record_version(
             version=version,
             parent=self.registry.live_version(),

@@ -199,10 +199,8 @@ def test_bad_snapshots_are_refused_counted_and_not_retried(publisher, make_engin
     engine.on_swap(lambda ok, seconds, version: swaps.append((ok, version)))
     assert engine.serving_version == good
 
-    corrupt = publisher.publish()
-    publisher.corrupt(corrupt)
-    truncated = publisher.publish()
-    publisher.truncate(truncated)
+    corrupt = publisher.publish(tamper=publisher.corrupt)
+    truncated = publisher.publish(tamper=publisher.truncate)
     # Incompatible: a snapshot trained on another backbone (different weights, same layout).
     other = seeded_model(publisher.config, seed=1)
     publisher_other = Publisher.__new__(Publisher)
@@ -217,7 +215,8 @@ def test_bad_snapshots_are_refused_counted_and_not_retried(publisher, make_engin
     overflow = publisher.publish(blown)
 
     for bad in (corrupt, truncated, incompatible, overflow):
-        publisher.registry.activate(bad) if publisher.registry.live_version() != bad else None
+        if publisher.registry.live_version() != bad:
+            publisher.registry.activate(bad)
         wait_for(lambda bad=bad: engine.stats()["versions"]["failed_versions"].get(bad) is not None)
         # Good traffic keeps flowing on the good version.
         assert asyncio.run(engine.predict([image(1)])).model_version == good
@@ -269,8 +268,8 @@ def test_explicit_reload_without_the_watcher(publisher, make_engine):
 
 def test_start_falls_back_when_the_live_snapshot_is_bad(publisher, make_engine):
     good = publisher.learn_and_publish("animals", ["cat", "dog"])
-    bad = publisher.learn_and_publish("vehicles", ["car"])
-    publisher.corrupt(bad)
+    publisher.learn("vehicles", ["car"])
+    publisher.publish(tamper=publisher.corrupt)
     engine = make_engine()
     assert engine.ready and engine.serving_version == good
     assert engine.stats()["swaps_failed"] == 1

@@ -89,8 +89,8 @@ def test_registry_record_and_snapshot_must_agree(publisher, backend):
 
 
 def test_permanent_failures_are_remembered_until_forgotten(publisher, backend):
-    v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
-    publisher.corrupt(v1)
+    publisher.learn("animals", ["cat", "dog"])
+    v1 = publisher.publish(tamper=publisher.corrupt)
     cache = VersionCache(publisher.registry, backend)
     with pytest.raises(VersionUnavailableError):
         cache.load(v1)
