@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -22,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fmlora._version import __version__
-from fmlora.config import ModelConfig
+from fmlora.config import BackboneConfig, ModelConfig
 from fmlora.registry import Registry, VersionInfo
 
 from .errors import ApiError, RequestContextMiddleware, error_response, install_error_handlers, request_id_of
@@ -32,7 +33,7 @@ from .routes import health, models, predict, tasks
 from .routes._common import COMMON_RESPONSES
 from .settings import Settings
 
-__all__ = ["BodyLimitMiddleware", "ServerState", "create_app"]
+__all__ = ["BodyLimitMiddleware", "ServerState", "create_app", "model_config_for", "open_registry"]
 
 log = logging.getLogger("fmlora.server")
 
@@ -194,10 +195,23 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-def _load_model_config(settings: Settings) -> ModelConfig | None:
-    if settings.model_config_file is None:
+def model_config_for(settings: Settings) -> ModelConfig | None:
+    """The ModelConfig to create a NEW home with (an existing home keeps its own; a different one
+    given here is refused by Registry.open). None: the default (the offline glyph ViT)."""
+    if settings.model_config_file is not None:
+        return ModelConfig.model_validate_json(settings.model_config_file.read_bytes())
+    if settings.backbone is None:
         return None
-    return ModelConfig.model_validate_json(settings.model_config_file.read_bytes())
+    weights: dict[str, Any] = {"weights": "pretrained"}
+    if settings.backbone_weights in ("pretrained", "random"):
+        weights = {"weights": settings.backbone_weights}
+    elif settings.backbone_weights:
+        weights = {"weights": "file", "weights_path": Path(settings.backbone_weights)}
+    return ModelConfig(backbone=BackboneConfig(name=settings.backbone, **weights))
+
+
+def open_registry(settings: Settings) -> Registry:
+    return Registry.open(settings.home, model_config_for(settings))
 
 
 def build_engine(settings: Settings, registry: Registry) -> Any:
@@ -230,8 +244,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.fmlora
     settings = state.settings
     if state.registry is None:
-        model_config = await run_in_threadpool(_load_model_config, settings)
-        state.registry = await run_in_threadpool(Registry.open, settings.home, model_config)
+        state.registry = await run_in_threadpool(open_registry, settings)
     if state.engine is None:
         state.engine = build_engine(settings, state.registry)
     _subscribe(state.engine, state.metrics)
@@ -259,8 +272,29 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.stopping = True
         if state.start_task is not None and not state.start_task.done():
             await asyncio.shield(state.start_task)
+        log.info("shutting down: stopping the engine")
         await run_in_threadpool(state.engine.stop, settings.shutdown_timeout_s)
         log.info("engine stopped")
+
+
+def _document_manual_bodies(app: FastAPI) -> None:
+    """Routes that parse their own bodies (to authenticate before reading them) reference schemas
+    FastAPI cannot see; add those to the OpenAPI components."""
+    from fastapi.openapi.utils import get_openapi
+
+    from .schemas import PredictRequest
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            extra = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(extra.pop("$defs", {}))
+            components["PredictRequest"] = extra
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None, *, engine: Any = None, registry: Registry | None = None) -> FastAPI:
@@ -283,6 +317,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, registry
         lifespan=_lifespan,
     )
     app.state.fmlora = state
+    _document_manual_bodies(app)
     install_error_handlers(app)
     for module in (predict, tasks, models, health):
         app.include_router(module.router, responses=COMMON_RESPONSES)

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["MIN_KEY_LENGTH", "Settings"]
+__all__ = ["MIN_KEY_LENGTH", "EmbeddedWorkerSettings", "Settings"]
 
 MIN_KEY_LENGTH = 16
 MiB = 2**20
@@ -36,6 +36,12 @@ class Settings(BaseSettings):
         None,
         description="JSON ModelConfig used when HOME is created (default: the shipped offline glyph ViT); "
         "an existing HOME keeps the configuration it was created with.",
+    )
+    backbone: str | None = Field(
+        None, description="timm model name for a NEW home (default: the offline glyph ViT); as `fmlora worker`."
+    )
+    backbone_weights: str | None = Field(
+        None, description="'pretrained', 'random' or a local weight file, for --backbone in a NEW home."
     )
     host: str = Field("127.0.0.1", description="Interface to listen on (fmlora serve).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (fmlora serve; 0 picks a free one).")
@@ -118,3 +124,19 @@ class Settings(BaseSettings):
             "admin_enabled": self.auth_disabled or self.admin_key is not None,
             "api_key_required": not self.auth_disabled and self.api_key is not None,
         }
+
+
+class EmbeddedWorkerSettings(BaseSettings):
+    """Training knobs of the worker that ``fmlora serve`` embeds: the same environment variables as
+    ``fmlora worker`` (FMLORA_WORKER_EPOCHS, FMLORA_GATE_MAX_FORGETTING, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="FMLORA_", extra="ignore", frozen=True)
+
+    worker_epochs: int = Field(5, ge=1, description="Epochs per task.")
+    worker_batch_size: int = Field(32, ge=1, description="Training batch size.")
+    worker_lr: float = Field(2e-3, gt=0, description="Learning rate.")
+    worker_autocast: Literal["bfloat16", "float16", "none"] = Field("none", description="Training autocast.")
+    worker_device: str | None = Field(None, description="torch device for training (default: cuda if available).")
+    gate_min_new_task_accuracy: float = Field(0.0, ge=0, le=1, description="Promotion gate: new-task accuracy.")
+    gate_max_forgetting: float = Field(1.0, ge=0, le=1, description="Promotion gate: largest accuracy drop.")
+    keep_versions: int | None = Field(None, ge=0, description="Retention: non-live versions kept (default: all).")

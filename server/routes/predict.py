@@ -172,6 +172,7 @@ async def predict(request: Request) -> PredictResponse:
     settings = state.settings
     limit = settings.max_images_per_request
     kind = media_type(request)
+    state.ensure_ready()  # before reading the body: a 503 should not cost the client its upload
     if kind == "application/json" or kind.endswith("+json"):
         blobs, options = await _read_json(request, limit)
     elif kind == "multipart/form-data":

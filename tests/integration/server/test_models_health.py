@@ -1,0 +1,200 @@
+"""GET /models, activation, health, readiness, info, metrics, request ids, the error envelope."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+
+from server.app import create_app
+from server.settings import Settings
+
+from .conftest import ADMIN, FakeEngine, assert_envelope, auth, png_bytes, publish_fake_version, wait_ready
+
+ADMIN_H = auth(ADMIN)
+
+
+@pytest.fixture
+def versioned(registry):
+    publish_fake_version(registry, ["pets"], card={"accuracy": {"pets": 0.91}, "final_accuracy": 0.91})
+    publish_fake_version(
+        registry,
+        ["pets", "birds"],
+        card={"accuracy": {"pets": 0.88, "birds": 0.8}, "final_accuracy": 0.84, "forgetting": 0.03},
+    )
+    publish_fake_version(registry, ["pets", "birds", "fish"], accepted=False)
+    return registry
+
+
+def test_models_lists_versions_with_cards_live_and_serving(make_client, versioned):
+    client = make_client()
+    body = client.get("/models").json()
+    assert body["live"] == 2 and body["serving"] == 2
+    assert [(v["version"], v["state"]) for v in body["versions"]] == [(1, "retired"), (2, "live"), (3, "rejected")]
+    assert body["versions"][1]["card"]["accuracy"] == {"pets": 0.88, "birds": 0.8}
+    assert body["versions"][1]["adapter_bytes"] == 12345 and body["versions"][1]["sha256"] == f"{2:064x}"
+    assert client.get("/models/1").json()["tasks"] == ["pets"]
+    assert_envelope(client.get("/models/9"), 404, "version_not_found")
+    assert_envelope(client.get("/models/abc"), 422, "validation_error")
+
+
+def test_activation_rolls_back_and_the_reply_says_what_this_replica_serves(make_client, versioned):
+    client = make_client()
+    r = client.post("/models/1/activate", headers=ADMIN_H)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["live"] == 1 and body["serving"] == 1 and body["warning"] is None
+    assert body["version"]["state"] == "live"
+    assert versioned.live_version() == 1
+    assert client.get("/models").json()["serving"] == 1
+
+
+def test_activation_errors(make_client, versioned):
+    client = make_client()
+    assert_envelope(client.post("/models/42/activate", headers=ADMIN_H), 404, "version_not_found")
+    assert_envelope(client.post("/models/3/activate", headers=ADMIN_H), 409, "version_state")
+    assert_envelope(client.post("/models/0/activate", headers=ADMIN_H), 422, "validation_error")
+    assert_envelope(client.get("/models/1/activate"), 405, "method_not_allowed")
+    assert versioned.live_version() == 2
+
+
+def test_activation_warns_when_this_replica_cannot_follow(make_client, versioned):
+    class StuckEngine(FakeEngine):
+        def reload(self):
+            return self.serving_version  # the snapshot failed to load: keeps serving the old one
+
+    client = make_client(engine=StuckEngine(registry=versioned))
+    body = client.post("/models/1/activate", headers=ADMIN_H).json()
+    assert body["live"] == 1 and body["serving"] == 2 and "could not be loaded" in body["warning"]
+
+
+def test_readiness_waits_for_the_engine_and_liveness_does_not(make_client, registry):
+    client = make_client(engine=FakeEngine(registry=registry, start_delay_s=0.5), wait=False)
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert_envelope(r, 503, "not_ready")
+    assert r.headers["retry-after"] == "1"
+    assert client.get("/info").json()["ready"] is False
+    wait_ready(client)
+    assert client.get("/readyz").json() == {"status": "ready", "serving_version": None}
+
+
+def test_engine_that_fails_to_start_makes_both_probes_fail_without_details(make_client, registry, caplog):
+    client = make_client(engine=FakeEngine(registry=registry, fail_start=True), wait=False)
+    deadline = time.monotonic() + 5
+    while client.app.state.fmlora.startup_error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert_envelope(client.get("/healthz"), 503, "engine_failed")
+    r = client.get("/readyz")
+    assert_envelope(r, 503, "not_ready")
+    assert "passwd" not in r.text and "passwd" not in client.get("/healthz").text
+
+
+def test_info_describes_the_server(make_client, versioned):
+    client = make_client(max_images_per_request=7)
+    info = client.get("/info").json()
+    assert info["name"] == "fmlora" and info["version"]
+    assert info["backbone"] == versioned.model_config.backbone.name
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["backend"] == "torch"
+    assert info["serving_version"] == 2 and info["live_version"] == 2 and info["serving_sha256"] == f"{2:064x}"
+    assert info["labels"] == 3 and info["tasks"] == ["pets", "birds"]
+    assert info["limits"]["max_images_per_request"] == 7
+    assert info["auth"] == {"disabled": False, "admin_enabled": True, "api_key_required": False}
+
+
+def test_metrics_report_requests_engine_and_live_card(make_client, versioned):
+    client = make_client()
+    image = base64.b64encode(png_bytes()).decode()
+    for _ in range(2):
+        assert client.post("/predict", json={"images": [image, image]}).status_code == 200
+    client.get("/tasks/nope")
+    client.post("/models/1/activate", headers=ADMIN_H)
+    client.post("/models/2/activate", headers=ADMIN_H)
+    text = client.get("/metrics").text
+    assert 'fmlora_http_requests_total{method="POST",route="/predict",status="200"} 2.0' in text
+    assert 'fmlora_http_requests_total{method="GET",route="/tasks/{task_id}",status="404"} 1.0' in text
+    assert 'fmlora_http_request_duration_seconds_count{method="POST",route="/predict",status="200"} 2.0' in text
+    assert "fmlora_predicted_images_total 4.0" in text
+    assert "fmlora_batch_size_count 2.0" in text and "fmlora_batch_size_sum 4.0" in text
+    assert "fmlora_queue_depth 0.0" in text
+    assert "fmlora_swaps_total 3.0" in text and "fmlora_swaps_failed_total 1.0" in text
+    assert 'fmlora_swap_duration_seconds_count{outcome="ok"} 2.0' in text
+    assert "fmlora_live_version 2.0" in text and "fmlora_serving_version 2.0" in text
+    assert "fmlora_adapter_bytes 12345.0" in text
+    assert 'fmlora_task_accuracy{task="birds"} 0.8' in text and 'fmlora_task_accuracy{task="pets"} 0.88' in text
+    assert "fmlora_live_final_accuracy 0.84" in text and "fmlora_live_forgetting 0.03" in text
+    assert "fmlora_ready 1.0" in text and 'fmlora_build_info{backbone="vit_tiny_patch16_224"' in text
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+
+
+def test_two_apps_in_one_process_have_separate_metrics(make_client, registry):
+    first, second = make_client(), make_client()
+    for _ in range(3):
+        first.get("/healthz")
+    assert 'route="/healthz",status="200"} 3.0' in first.get("/metrics").text
+    assert 'route="/healthz"' not in second.get("/metrics").text
+
+
+def test_request_ids_are_accepted_when_sane_and_generated_otherwise(make_client):
+    client = make_client()
+    assert client.get("/healthz", headers={"X-Request-ID": "abc-123_x.y:z"}).headers["x-request-id"] == "abc-123_x.y:z"
+    for bad in ("", "x" * 200, "has space", "<script>", "-leading"):
+        rid = client.get("/healthz", headers={"X-Request-ID": bad}).headers["x-request-id"]
+        assert rid != bad and len(rid) == 32
+    ids = {client.get("/healthz").headers["x-request-id"] for _ in range(5)}
+    assert len(ids) == 5
+
+
+def test_unknown_routes_and_methods_use_the_envelope(make_client):
+    client = make_client()
+    error = assert_envelope(client.get("/no/such/route"), 404, "not_found")
+    assert "/no/such/route" in error["message"]
+    r = client.put("/tasks")
+    assert_envelope(r, 405, "method_not_allowed")
+    assert r.headers["allow"]
+
+
+def test_invalid_content_length_is_400(make_client):
+    client = make_client()
+    r = client.post("/predict", content=b"{}", headers={"Content-Type": "application/json", "Content-Length": "x"})
+    assert r.status_code in (400, 422)  # some clients refuse to send it at all; the server never 5xx's
+    if r.status_code == 400:
+        assert_envelope(r, 400, "bad_request")
+
+
+def test_shutdown_stops_the_engine_with_the_configured_timeout(registry, home):
+    from fastapi.testclient import TestClient
+
+    engine = FakeEngine(registry=registry)
+    app = create_app(Settings(home=home, admin_key=ADMIN, shutdown_timeout_s=7), engine=engine, registry=registry)
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert not engine.stopped
+    assert engine.stopped and engine.stop_timeout == 7
+
+
+def test_cors_is_off_by_default_and_configurable(make_client):
+    plain = make_client()
+    r = plain.options("/predict", headers={"Origin": "https://x.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    cors = make_client(cors_origins=["https://x.example"])
+    r = cors.options("/predict", headers={"Origin": "https://x.example", "Access-Control-Request-Method": "POST"})
+    assert r.headers["access-control-allow-origin"] == "https://x.example"
+
+
+def test_settings_come_from_fmlora_environment_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("FMLORA_HOME", str(tmp_path))
+    monkeypatch.setenv("FMLORA_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("FMLORA_ADMIN_KEY", ADMIN)
+    monkeypatch.setenv("FMLORA_CORS_ORIGINS", '["https://a.example"]')
+    monkeypatch.setenv("FMLORA_AUTH_DISABLED", "false")
+    s = Settings()
+    assert s.home == tmp_path and s.max_batch_size == 8 and s.admin_key.get_secret_value() == ADMIN
+    assert s.cors_origins == ["https://a.example"]
+    monkeypatch.setenv("FMLORA_ADMIN_KEY", "")
+    assert Settings().admin_key is None
+    with pytest.raises(ValueError):
+        Settings(max_queue=4, max_images_per_request=8)
+    with pytest.raises(ValueError):
+        Settings(device="tpu")
