@@ -703,12 +703,33 @@ def test_published_ports_bind_loopback_only(resolved):
 
 
 @pytest.fixture(scope="module")
-def cli_commands() -> dict[str, Any]:
-    import typer.main
+def full_cli() -> Any:
+    """The ``fmlora`` CLI as its console script builds it: the library's commands plus those that installed
+    packages register through the ``fmlora.commands`` entry points (``fmlora serve`` comes from the server)."""
+    from importlib.metadata import entry_points
+
+    import typer
 
     from fmlora.cli import app
 
-    return dict(typer.main.get_command(app).commands)
+    full = typer.Typer()
+    full.registered_callback = app.registered_callback
+    full.registered_commands = list(app.registered_commands)
+    full.registered_groups = list(app.registered_groups)
+    for entry in entry_points(group="fmlora.commands"):
+        try:
+            register = entry.load()
+        except ImportError:
+            continue  # that package's optional dependencies are missing: its commands are absent
+        register(full)
+    return full
+
+
+@pytest.fixture(scope="module")
+def cli_commands(full_cli) -> dict[str, Any]:
+    import typer.main
+
+    return dict(typer.main.get_command(full_cli).commands)
 
 
 def _options(command: Any) -> set[str]:
@@ -719,14 +740,22 @@ def _flags(argv: list[str]) -> list[str]:
     return [a for a in argv if a.startswith("--")]
 
 
-def test_cmd_flags_exist_in_fmlora_serve(cli_commands, resolved):
-    from typer.testing import CliRunner
+def test_the_image_gets_fmlora_serve_from_the_server_package():
+    """The image installs the project from pyproject.toml: its console script and plugin entry points."""
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["fmlora"].startswith("fmlora.cli:")
+    plugins = project.get("entry-points", {}).get("fmlora.commands", {})
+    assert any(value.startswith("server.") for value in plugins.values()), plugins
+    assert "server" in project["optional-dependencies"]
 
-    from fmlora.cli import app
+
+def test_cmd_flags_exist_in_fmlora_serve(full_cli, cli_commands, resolved):
+    from typer.testing import CliRunner
 
     if "serve" not in cli_commands:
         pytest.skip("`fmlora serve` is not registered (server extras or the fmlora.commands entry point missing)")
-    result = CliRunner().invoke(app, ["serve", "--help"])
+    result = CliRunner().invoke(full_cli, ["serve", "--help"])
     assert result.exit_code == 0, result.output
     options = _options(cli_commands["serve"])
     for flag in _flags(SERVE_CMD):
@@ -736,12 +765,10 @@ def test_cmd_flags_exist_in_fmlora_serve(cli_commands, resolved):
             assert set(_flags(service["command"])) <= options
 
 
-def test_worker_flags_exist_in_fmlora_worker(cli_commands, resolved):
+def test_worker_flags_exist_in_fmlora_worker(full_cli, cli_commands, resolved):
     from typer.testing import CliRunner
 
-    from fmlora.cli import app
-
-    result = CliRunner().invoke(app, ["worker", "--help"])
+    result = CliRunner().invoke(full_cli, ["worker", "--help"])
     assert result.exit_code == 0, result.output
     options = _options(cli_commands["worker"])
     for service in resolved["services"].values():
