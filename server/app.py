@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -63,6 +64,7 @@ class ServerState:
     startup_error: str | None = None
     start_task: asyncio.Task[None] | None = None
     _versions: OrderedDict[int, VersionInfo] = field(default_factory=OrderedDict)
+    _versions_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- readiness ---------------------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -115,15 +117,17 @@ class ServerState:
         """Cached registry lookup: a version's card and size never change once published."""
         if version is None or self.registry is None:
             return None
-        info = self._versions.get(version)
+        with self._versions_lock:
+            info = self._versions.get(version)
         if info is None:
             try:
                 info = self.registry.get_version(version)
             except Exception:
                 return None
-            self._versions[version] = info
-            while len(self._versions) > 32:
-                self._versions.popitem(last=False)
+            with self._versions_lock:
+                self._versions[version] = info
+                while len(self._versions) > 32:
+                    self._versions.popitem(last=False)
         return info
 
     def metrics_state(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ logged with the request id, and the client gets a fixed message quoting that id.
 
 from __future__ import annotations
 
+import asyncio
 import http
 import logging
 import math
@@ -279,6 +280,9 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         except ClientDisconnect:
             status = status or 499  # nginx's convention for "client closed the request"
+        except asyncio.CancelledError:
+            status = status or 499
+            raise
         except Exception as exc:
             if isinstance(exc, StarletteHTTPException) and not started:
                 error_type = getattr(exc, "error_type", None) or _status_type(exc.status_code)

@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Interface to listen on (fmlora serve).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (fmlora serve; 0 picks a free one).")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level of the server and uvicorn (fmlora serve)."
+    )
 
     # -- engine ----------------------------------------------------------------------------------
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
@@ -82,7 +84,6 @@ class Settings(BaseSettings):
 
     # -- lifecycle -------------------------------------------------------------------------------
     shutdown_timeout_s: float = Field(30.0, ge=0, description="Grace period for in-flight requests on SIGTERM.")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503.")
     embedded_worker: bool = Field(True, description="fmlora serve also runs a training worker.")
 
     @field_validator("admin_key", "api_key", mode="before")
@@ -107,9 +108,9 @@ class Settings(BaseSettings):
     @classmethod
     def _device(cls, value: str) -> str:
         value = value.strip().lower()
-        if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
-        raise ValueError("device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
