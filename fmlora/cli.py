@@ -145,7 +145,9 @@ def worker(
     autocast: str = typer.Option(
         "none", envvar="FMLORA_WORKER_AUTOCAST", help="'bfloat16', 'float16' or 'none' (fp32)."
     ),
-    device: str = typer.Option("cpu", envvar="FMLORA_WORKER_DEVICE", help="torch device for training."),
+    device: str = typer.Option(
+        "auto", envvar="FMLORA_WORKER_DEVICE", help="torch device for training; auto = cuda when available."
+    ),
     min_new_task_accuracy: float = typer.Option(
         0.0,
         envvar="FMLORA_GATE_MIN_NEW_TASK_ACCURACY",
@@ -165,9 +167,13 @@ def worker(
     import logging
     import signal
 
+    import torch
+
     from .config import TrainConfig
     from .worker import GateConfig, Worker, WorkerConfig
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         registry = _home_registry(home, backbone, backbone_weights)

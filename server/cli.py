@@ -17,6 +17,7 @@ import secrets
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -79,39 +80,53 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _start_worker(registry: Any, stop: threading.Event) -> tuple[Any, threading.Thread]:
-    import torch
+class EmbeddedWorker:
+    """``fmlora worker`` as a supervised child process of ``serve``.
 
-    from fmlora.config import TrainConfig
-    from fmlora.worker import GateConfig, Worker, WorkerConfig
+    A child, not a thread: training in the server process would contend for the GIL and torch's
+    thread pool with inference, and a crash in training must not take the server down. The child
+    reads the same FMLORA_* variables (EmbeddedWorkerSettings) from the inherited environment; if it
+    dies it is restarted after a pause, and stopping sends SIGTERM (its task is requeued) then waits.
+    """
 
-    ws = EmbeddedWorkerSettings()
-    device = ws.worker_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    config = WorkerConfig(
-        train=TrainConfig(
-            epochs=ws.worker_epochs,
-            batch_size=ws.worker_batch_size,
-            lr=ws.worker_lr,
-            device=device,
-            autocast_dtype=None if ws.worker_autocast == "none" else ws.worker_autocast,
-            progress_bar=False,
-        ),
-        gate=GateConfig(min_new_task_accuracy=ws.gate_min_new_task_accuracy, max_forgetting=ws.gate_max_forgetting),
-        keep_versions=ws.keep_versions,
-    )
-    worker = Worker(registry, config)
+    restart_delay_s = 5.0
 
-    def run() -> None:
-        try:
-            worker.run_forever()
-        except Exception:
-            log.exception("the embedded worker stopped with an error; the server keeps serving")
-        finally:
-            stop.set()
+    def __init__(self, home: Path):
+        EmbeddedWorkerSettings()  # fail fast, in the parent, on invalid FMLORA_WORKER_* values
+        self.command = [sys.executable, "-m", "fmlora.cli", "worker", "--home", str(home)]
+        self._stopping = threading.Event()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._supervisor = threading.Thread(target=self._supervise, name="fmlora-worker-supervisor", daemon=True)
 
-    thread = threading.Thread(target=run, name="fmlora-embedded-worker", daemon=True)
-    thread.start()
-    return worker, thread
+    def start(self) -> None:
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._process = subprocess.Popen(self.command, start_new_session=True)
+            code = self._process.wait()
+            if self._stopping.is_set():
+                return
+            log.error("the embedded worker exited with code %s; restarting in %.0f s", code, self.restart_delay_s)
+            self._stopping.wait(self.restart_delay_s)
+
+    def stop(self, timeout: float) -> None:
+        with self._lock:
+            self._stopping.set()
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("the embedded worker did not stop in time; killing it (its task will be requeued)")
+                process.kill()
+                process.wait()
+        self._supervisor.join(timeout=5.0)
 
 
 def _display_host(host: str) -> str:
@@ -197,17 +212,21 @@ def serve(
     )
     server = uvicorn.Server(config)
 
-    stop_worker = threading.Event()
-    worker_handle = thread = None
+    embedded = None
     if settings.embedded_worker:
-        worker_handle, thread = _start_worker(registry, stop_worker)
+        try:
+            embedded = EmbeddedWorker(registry.home)
+        except ValidationError as exc:
+            typer.echo(f"error: invalid worker settings: {exc.error_count()} problem(s): {exc}", err=True)
+            raise typer.Exit(2) from None
+        embedded.start()
 
     lines = [
         f"fmlora serving {registry.home} ({registry.model_config.backbone.name})",
         f"  API:       {base}",
         f"  docs:      {base}/docs",
         f"  admin key: {key_note}",
-        f"  worker:    {'embedded (trains queued tasks in this process)' if thread else 'off (run `fmlora worker`)'}",
+        f"  worker:    {'embedded child process' if embedded else 'off (run `fmlora worker`)'}",
         "Press Ctrl-C to stop.",
     ]
     typer.echo("\n".join(lines))
@@ -221,11 +240,8 @@ def serve(
     try:
         server.run(sockets=[sock])
     finally:
-        if worker_handle is not None and thread is not None:
-            worker_handle.stop()
-            thread.join(timeout=max(5.0, settings.shutdown_timeout_s))
-            if thread.is_alive():
-                log.warning("the embedded worker did not stop in time; its task will be requeued by the next one")
+        if embedded is not None:
+            embedded.stop(timeout=max(5.0, settings.shutdown_timeout_s))
         sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
