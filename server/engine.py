@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -90,7 +91,7 @@ class EngineConfig:
     crop_pct: float | None = None
     watch: bool = True  # poll the registry's live pointer in a thread
     warmup_batch_sizes: tuple[int, ...] | None = None  # None: (1,) on CPU, (1, max_batch_size) on GPU
-    preprocess_threads: int = 2
+    preprocess_threads: int | None = None  # resize workers; None: min(8, CPU count)
     prompt_weights_top: int = 5  # tasks listed in each result's prompt weights
     onnx_dir: str | None = None  # where exported graphs are cached (backend="onnx"); default: a temp dir
 
@@ -105,7 +106,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise ValueError("crop_pct must be in (0, 1]")
-        if self.preprocess_threads < 1 or self.prompt_weights_top < 0:
+        if (self.preprocess_threads is not None and self.preprocess_threads < 1) or self.prompt_weights_top < 0:
             raise ValueError("preprocess_threads must be >= 1 and prompt_weights_top >= 0")
 
 
@@ -281,6 +282,7 @@ class Engine:
         self._temperature = float(registry.model_config.prompts.temperature)
         self.input_size: tuple[int, int] | None = None
         self.crop_pct = 1.0
+        self._prep_threads = 1
 
     # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -305,7 +307,8 @@ class Engine:
         self.input_size = self._backend.input_size
         self.crop_pct = cfg.crop_pct if cfg.crop_pct is not None else model_crop_pct(model)
         self._cache = VersionCache(self.registry, self, capacity=cfg.cached_versions)
-        self._prep_pool = concurrent.futures.ThreadPoolExecutor(cfg.preprocess_threads, "fmlora-preprocess")
+        self._prep_threads = cfg.preprocess_threads or min(8, os.cpu_count() or 1)
+        self._prep_pool = concurrent.futures.ThreadPoolExecutor(self._prep_threads, "fmlora-preprocess")
         self._load_pool = concurrent.futures.ThreadPoolExecutor(2, "fmlora-loader")
         self._batcher = MicroBatcher(
             self._run_batch,
@@ -330,7 +333,7 @@ class Engine:
         log.info(
             "engine ready in %.2f s on %s (%s, %s), serving version %s",
             time.perf_counter() - started,
-            device,
+            self._backend.describe().get("device"),
             self._backend.describe().get("dtype"),
             self._backend.name,
             self.serving_version,
@@ -608,15 +611,37 @@ class Engine:
                 f"unknown task {choice.task!r} for prompt selection in version {entry.version} (known: {known})"
             )
 
-    def _prepare(self, images: Sequence[Any]) -> list[np.ndarray]:
+    def _prepare(self, images: Sequence[Any], first: int = 0) -> list[np.ndarray]:
+        """Validate and resize images exactly as training does (PIL releases the GIL meanwhile)."""
         size = self._backend.input_size
         out = []
         for i, image in enumerate(images):
             try:
                 out.append(resize_for_model(as_rgb_array(image), size, self.crop_pct))
             except InvalidImageInput as exc:
-                raise InvalidImageInput(f"image {i}: {exc.message}") from None
+                raise InvalidImageInput(f"image {first + i}: {exc.message}") from None
         return out
+
+    def _chunks(self, images: Sequence[Any]) -> list[tuple[int, Sequence[Any]]]:
+        """Split a request's images into up to ``preprocess_threads`` runs for the resize pool."""
+        n = len(images)
+        parts = max(1, min(self._prep_threads, n))
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        return [(bounds[i], images[bounds[i] : bounds[i + 1]]) for i in range(parts)]
+
+    async def _prepare_async(self, images: Sequence[Any], deadline: float) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        futures = [
+            loop.run_in_executor(self._prep_pool, self._prepare, chunk, first) for first, chunk in self._chunks(images)
+        ]
+        parts = await self._await(asyncio.gather(*futures), deadline)
+        return [image for part in parts for image in part]
+
+    def _prepare_sync(self, images: Sequence[Any]) -> list[np.ndarray]:
+        if not self._needs_resize(images) or len(images) == 1 or self._prep_pool is None:
+            return self._prepare(images)
+        futures = [self._prep_pool.submit(self._prepare, chunk, first) for first, chunk in self._chunks(images)]
+        return [image for future in futures for image in future.result()]
 
     def _needs_resize(self, images: Sequence[Any]) -> bool:
         h, w = self._backend.input_size
@@ -675,7 +700,7 @@ class Engine:
                 entry = await self._await(loop.run_in_executor(self._load_pool, self._pinned, version), deadline)
         self._check_prompt(entry, choice)
         if self._needs_resize(images):
-            prepared = await self._await(loop.run_in_executor(self._prep_pool, self._prepare, images), deadline)
+            prepared = await self._prepare_async(images, deadline)
         else:
             prepared = self._prepare(images)
         items = [_Item(image, choice, k) for image in prepared]
@@ -721,7 +746,7 @@ class Engine:
         else:
             entry = self._pinned(version)
         self._check_prompt(entry, choice)
-        items = [_Item(image, choice, k) for image in self._prepare(images)]
+        items = [_Item(image, choice, k) for image in self._prepare_sync(images)]
         results = self._batcher.run_sync(entry, items, timeout_s)
         return Prediction(entry.version, entry.sha256, results)
 
