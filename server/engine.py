@@ -38,9 +38,9 @@ from fmlora.snapshot import Snapshot, check_compatible
 
 from .batcher import MicroBatcher
 from .errors_core import (
-    EngineError,
     InferenceError,
     InvalidImageInput,
+    InvalidRequestError,
     NoModelError,
     NotReadyError,
     RequestTimeoutError,
@@ -65,13 +65,6 @@ __all__ = [
 log = logging.getLogger("fmlora.server.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class InvalidRequestError(EngineError, ValueError):
-    """A request argument is out of range (no images, top_k < 1) (422)."""
-
-    status_code = 422
-    error_type = "invalid_request"
 
 
 @dataclass(frozen=True)
@@ -291,6 +284,23 @@ class Engine:
             if self._started:
                 raise RuntimeError("the engine is already started")
             self._started = True
+        try:
+            self._start()
+        except BaseException:
+            log.error("the engine failed to start; releasing what it had started")
+            if self._watcher is not None:
+                self._watcher.stop(1.0)
+            if self._batcher is not None:
+                self._batcher.stop(0.0)
+            for pool in (self._prep_pool, self._load_pool):
+                if pool is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
+            if self._backend is not None:
+                self._backend.close()
+            self._stopping = True
+            raise
+
+    def _start(self) -> None:
         cfg = self.config
         started = time.perf_counter()
         device = resolve_device(cfg.device)

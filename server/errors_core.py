@@ -15,6 +15,7 @@ __all__ = [
     "ImageTooLarge",
     "InferenceError",
     "InvalidImageInput",
+    "InvalidRequestError",
     "NoModelError",
     "NotReadyError",
     "QueueFullError",
@@ -53,6 +54,13 @@ class ImageTooLarge(EngineError):
 
     status_code = 413
     error_type = "image_too_large"
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request argument is out of range: no images, ``top_k`` < 1 (422)."""
+
+    status_code = 422
+    error_type = "invalid_request"
 
 
 class QueueFullError(EngineError):

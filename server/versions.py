@@ -43,6 +43,8 @@ __all__ = [
 
 log = logging.getLogger("fmlora.server.versions")
 
+MAX_REMEMBERED_FAILURES = 1000
+
 
 class SnapshotWarmupError(SnapshotError):
     """The snapshot loaded but failed its warm-up (non-finite or mis-shaped outputs)."""
@@ -276,6 +278,9 @@ class VersionCache:
                 retry_at=retry_at,
             )
             self.loads_failed += 1
+            while len(self._failures) > MAX_REMEMBERED_FAILURES:  # bounded memory under a storm
+                oldest = min(self._failures.values(), key=lambda f: f.at)
+                del self._failures[oldest.version]
         log.warning(
             "refused version %d (%s): %s%s",
             version,

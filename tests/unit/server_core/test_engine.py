@@ -332,3 +332,23 @@ def test_crop_follows_the_training_recipe(publisher, make_engine):
     model = seeded_model(publisher.config)
     # fmlora.worker trains with min(1, data_config crop_pct); serving must resize the same way.
     assert engine.crop_pct == min(1.0, float(model.preprocessor.data_config.get("crop_pct", 1.0) or 1.0))
+
+
+def test_a_failed_start_releases_its_threads(publisher, monkeypatch):
+    other = FMLoRAModel(tiny_config(adapter=tiny_config().adapter.model_copy(update={"rank": 4})))
+    with pytest.raises(ValueError, match="another ModelConfig"):
+        Engine(publisher.registry, EngineConfig(device="cpu"), model=other).start()
+
+    def broken(self, sizes):
+        raise RuntimeError("warm-up exploded")
+
+    monkeypatch.setattr(TorchBackend, "warm_bare", broken)
+    engine = Engine(publisher.registry, EngineConfig(device="cpu"), model=seeded_model(publisher.config))
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(RuntimeError, match="exploded"):
+        engine.start()
+    time.sleep(0.05)
+    assert "fmlora-inference" not in {t.name for t in threading.enumerate()} - before
+    assert not engine.ready
+    with pytest.raises(NotReadyError):
+        engine.predict_sync([image(0)])
