@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmlora import FMLoRAModel, load_snapshot
+from fmlora import FMLoRAModel, PromptConfig, load_snapshot
 from fmlora.errors import PromptError, UnknownTaskError, VersionNotFoundError
 from server.engine import Engine, EngineConfig, InvalidRequestError, TorchBackend, model_crop_pct
 from server.errors_core import InvalidImageInput, NoModelError, NotReadyError, VersionUnavailableError
@@ -352,3 +352,20 @@ def test_a_failed_start_releases_its_threads(publisher, monkeypatch):
     assert not engine.ready
     with pytest.raises(NotReadyError):
         engine.predict_sync([image(0)])
+
+
+def test_a_model_without_meta_prompts(tmp_path):
+    publisher = Publisher(tmp_path / "home", tiny_config(prompts=PromptConfig(enabled=False)))
+    v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
+    engine = Engine(publisher.registry, EngineConfig(device="cpu"), model=seeded_model(publisher.config))
+    engine.start()
+    try:
+        auto = engine.predict_sync([image(0)]).results[0]
+        assert auto.prompt == {"mode": "auto", "task": None, "weights": {}}
+        named = engine.predict_sync([image(0)], prompt={"task": "animals"}).results[0]
+        assert named.prompt == {"mode": "task", "task": "animals", "weights": {}}
+        probs, labels = reference_probs(publisher, v1, [image(0)])
+        for p in auto.predictions:
+            assert p["score"] == pytest.approx(float(probs[0, labels.index(p["label"])]), abs=1e-5)
+    finally:
+        engine.stop(5)
