@@ -141,6 +141,7 @@ class SoakConfig:
     swap_timeout_s: float = 60.0
     gpu_every: int = 10
     runs: tuple[str, ...] = ("server", "harness", "leaky")
+    parallel_harness: bool = True  # run the harness and the leaky control side by side (after the server)
     seed: int = 0
     plot: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -259,12 +260,6 @@ def _nullcontext() -> Iterator[None]:
     yield
 
 
-def _harness_in_child(params: dict[str, Any]) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        return pool.submit(run_harness, params).result()
-
-
 # -- the real server ------------------------------------------------------------------------------------
 def run_server_soak(cfg: SoakConfig, work: Path) -> dict[str, Any]:
     from benchmarks._common import ServerProcess, model_config
@@ -348,37 +343,43 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     work_root = Path(tempfile.mkdtemp(prefix="fmlora-soak-"))
     try:
+        harness_params: dict[str, dict[str, Any]] = {}
         for name in cfg.runs:
             work = work_root / name
             work.mkdir()
             if name == "server":
-                run = run_server_soak(cfg, work)
-                swaps = cfg.swaps
-            else:
-                swaps = cfg.control_swaps or cfg.swaps
-                run = _harness_in_child(
-                    {
-                        "home": str(work / "home"),
-                        "weights_dir": str(work / "weights"),
-                        "backbone": cfg.backbone,
-                        "swaps": swaps,
-                        "leaky": name == "leaky",
-                        "device": cfg.device,
-                        "dtype": cfg.dtype,
-                        "threads": cfg.threads,
-                        "cached_versions": cfg.cached_versions,
-                        "rollback_every": cfg.rollback_every,
-                        "prune_every": cfg.prune_every,
-                        "keep_versions": cfg.keep_versions,
-                        "think_ms": cfg.think_ms,
-                        "seed": cfg.seed,
-                    }
-                )
+                runs[name] = run_server_soak(cfg, work)
+                continue
+            harness_params[name] = {
+                "home": str(work / "home"),
+                "weights_dir": str(work / "weights"),
+                "backbone": cfg.backbone,
+                "swaps": cfg.control_swaps or cfg.swaps,
+                "leaky": name == "leaky",
+                "device": cfg.device,
+                "dtype": cfg.dtype,
+                "threads": cfg.threads,
+                "cached_versions": cfg.cached_versions,
+                "rollback_every": cfg.rollback_every,
+                "prune_every": cfg.prune_every,
+                "keep_versions": cfg.keep_versions,
+                "think_ms": cfg.think_ms,
+                "seed": cfg.seed,
+            }
+        if harness_params:
+            # Each harness is a process of its own (its RSS is the measurement); they may run side by side.
+            workers = len(harness_params) if cfg.parallel_harness else 1
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                futures = {name: pool.submit(run_harness, params) for name, params in harness_params.items()}
+                for name, future in futures.items():
+                    runs[name] = future.result()
+        for name, run in runs.items():
+            swaps = cfg.swaps if name == "server" else (cfg.control_swaps or cfg.swaps)
             warmup = cfg.warmup_for(swaps)
             run["rss_check"] = detect_leak(run["rss"], limit, warmup)
             run["gpu_check"] = detect_leak(run["gpu"], limit, warmup) if run["gpu"] else None
             run["leak_detected"] = bool(run["rss_check"]["leak"] or (run["gpu_check"] or {}).get("leak"))
-            runs[name] = run
     finally:
         shutil.rmtree(work_root, ignore_errors=True)
     verdict = {
