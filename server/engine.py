@@ -773,12 +773,19 @@ class Engine:
             k = min(max(it.top_k for it in items), probs.shape[1])
             scores, indices = probs.topk(k, dim=-1)
             affinity = self._task_affinity(entry, query, choices)
-            scores_l, indices_l = scores.cpu().tolist(), indices.cpu().tolist()
+            # One device-to-host copy (one sync) for everything the answers need.
+            columns = [scores, indices.float()]
             if affinity is not None:
-                top = min(self.config.prompt_weights_top, affinity.shape[1])
-                aff_w, aff_i = affinity.topk(max(top, 1), dim=-1)
-                nearest_l = affinity.argmax(dim=-1).cpu().tolist()
-                aff_w_l, aff_i_l = aff_w.cpu().tolist(), aff_i.cpu().tolist()
+                top = max(1, min(self.config.prompt_weights_top, affinity.shape[1]))
+                aff_w, aff_i = affinity.topk(top, dim=-1)  # column 0 of aff_i is the nearest task
+                columns += [aff_w, aff_i.float()]
+            host = torch.cat(columns, dim=1).cpu().numpy()
+            scores_l = host[:, :k].tolist()
+            indices_l = host[:, k : 2 * k].astype(np.int64).tolist()
+            if affinity is not None:
+                aff_w_l = host[:, 2 * k : 2 * k + top].tolist()
+                aff_i_l = host[:, 2 * k + top :].astype(np.int64).tolist()
+                nearest_l = [row[0] for row in aff_i_l]
         labels, label_tasks, names = entry.labels, entry.label_tasks, entry.task_names
         results = []
         for row, item in enumerate(items):
