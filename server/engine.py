@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fmlora.errors import FmloraError, UnknownTaskError
+from fmlora.errors import FmloraError, UnknownTaskError, VersionNotFoundError
 from fmlora.model import FMLoRAModel, TaskRecord
 from fmlora.prompts import PromptChoice
 from fmlora.snapshot import Snapshot, check_compatible
@@ -238,6 +238,12 @@ class TorchBackend:
 
     def close(self) -> None:
         pass
+
+
+def _check_version_number(version: Any) -> None:
+    """Version numbers are SQLite integers >= 1; anything else cannot exist (404, never a 500)."""
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or not 1 <= version < 2**63:
+        raise VersionNotFoundError(f"version {version!r} does not exist")
 
 
 def _probe_images(n: int, size: tuple[int, int]) -> np.ndarray:
@@ -662,6 +668,7 @@ class Engine:
 
     def _pinned(self, version: int) -> VersionEntry:
         assert self._cache is not None
+        _check_version_number(version)
         entry = self._cache.get(version)
         if entry is not None:
             return entry
@@ -708,6 +715,7 @@ class Engine:
             if entry is None:
                 raise NoModelError("no model version is live yet: submit a task and wait for it to be learned")
         else:
+            _check_version_number(version)
             entry = self._cache.get(version) if self._cache is not None else None
             if entry is None:
                 entry = await self._await(loop.run_in_executor(self._load_pool, self._pinned, version), deadline)

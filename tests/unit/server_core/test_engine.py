@@ -115,8 +115,9 @@ def test_request_errors(publisher, make_engine):
         asyncio.run(engine.predict([]))
     with pytest.raises(InvalidImageInput, match="image 1"):
         asyncio.run(engine.predict([image(0), np.zeros((4, 4, 3), dtype=np.float32)]))
-    with pytest.raises(VersionNotFoundError):
-        asyncio.run(engine.predict([image(0)], version=99))
+    for missing in (99, 0, -1, 2**63, 10**30):
+        with pytest.raises(VersionNotFoundError):
+            asyncio.run(engine.predict([image(0)], version=missing))
 
 
 def test_mixed_prompts_in_one_batch_do_not_interfere(publisher, make_engine):
