@@ -95,6 +95,11 @@ class Preprocessor:
         _, height, width = cfg["input_size"]
         return cls((height, width), tuple(cfg["mean"]), tuple(cfg["std"]), cfg, input_norm)
 
+    @property
+    def crop_pct(self) -> float:
+        """The data config's centre-crop fraction, capped at 1 (training and serving both crop by it)."""
+        return min(1.0, float(self.data_config.get("crop_pct", 1.0) or 1.0))
+
     def pil_transform(self) -> Any:
         """timm's eval transform (resize, centre crop, normalise) for PIL images."""
         return create_transform(**self.data_config, is_training=False)
@@ -108,8 +113,8 @@ class Preprocessor:
             x = nn.functional.interpolate(x, size=self.input_size, mode="bilinear", antialias=True)
         if self.input_norm == "per-image":
             return _standardize_per_image(x)
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
 

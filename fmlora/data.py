@@ -14,7 +14,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import DataError
 
@@ -73,21 +73,39 @@ class ImageSet:
         return ImageSet(torch.cat([s.images for s in sets]), joined.labels, joined.classes)
 
 
+def resize_center_crop(image: np.ndarray | Image.Image, size: tuple[int, int], crop_pct: float = 1.0) -> np.ndarray:
+    """Resize the shorter side to ``max(size) / crop_pct`` (bicubic) and centre-crop to ``size``.
+
+    timm's eval recipe, and the one place it is written: training (FileImageSet, the worker) and
+    serving (server.images) both call it, so a served image reaches the model exactly as a training
+    image with the same pixels did. Returns uint8 (H, W, 3).
+    """
+    if not 0 < crop_pct <= 1:
+        raise DataError("crop_pct must be in (0, 1]")
+    height, width = int(size[0]), int(size[1])
+    if isinstance(image, np.ndarray):
+        if image.shape[0] == height and image.shape[1] == width and crop_pct == 1.0:
+            return np.ascontiguousarray(image)
+        image = Image.fromarray(np.ascontiguousarray(image))
+    elif image.mode != "RGB":
+        image = image.convert("RGB")
+    scale = max(height, width) / crop_pct / min(image.size)
+    resized = image.resize(
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+        Image.Resampling.BICUBIC,
+    )
+    left = (resized.width - width) // 2
+    top = (resized.height - height) // 2
+    return np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
+
+
 def _load_rgb(path: Path, size: tuple[int, int], crop_pct: float) -> np.ndarray:
-    """Decode, resize the shorter side to size/crop_pct and centre-crop to ``size`` (timm's eval recipe)."""
+    """Decode (honouring EXIF orientation, as serving does) and resize/crop to ``size``."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            height, width = size
-            scale = max(height, width) / crop_pct / min(img.size)
-            resized = img.resize(
-                (max(width, round(img.width * scale)), max(height, round(img.height * scale))),
-                Image.Resampling.BICUBIC,
-            )
-            left = (resized.width - width) // 2
-            top = (resized.height - height) // 2
-            return np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            upright = ImageOps.exif_transpose(img) or img
+            return resize_center_crop(upright.convert("RGB"), size, crop_pct)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {path}: {exc}") from exc
 
 

@@ -211,9 +211,12 @@ class Worker:
             raise DataError("a stored task has no images in one of its splits")
         position = {c: i for i, c in enumerate(classes)}
         labels = torch.tensor([position[c] for _, c in files], dtype=torch.long)
-        crop = float(model.preprocessor.data_config.get("crop_pct", 1.0) or 1.0)
         on_disk = FileImageSet(
-            tuple(p for p, _ in files), labels, tuple(classes), model.preprocessor.input_size, min(1.0, crop)
+            tuple(p for p, _ in files),
+            labels,
+            tuple(classes),
+            model.preprocessor.input_size,
+            model.preprocessor.crop_pct,
         )
         height, width = model.preprocessor.input_size
         if len(files) * 3 * height * width > self.config.max_cached_bytes:

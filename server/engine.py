@@ -142,7 +142,7 @@ class _Item:
 
 def model_crop_pct(model: FMLoRAModel) -> float:
     """The centre-crop fraction training uses for this model: timm's data config value, capped at 1."""
-    return min(1.0, float(model.preprocessor.data_config.get("crop_pct", 1.0) or 1.0))
+    return model.preprocessor.crop_pct
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from fmlora.data import resize_center_crop
+
 from .errors_core import ImageTooLarge, InvalidImageInput
 
 __all__ = [
@@ -117,28 +119,10 @@ def as_rgb_array(image: Any) -> np.ndarray:
 
 
 def resize_for_model(image: np.ndarray | Image.Image, size: tuple[int, int], crop_pct: float = 1.0) -> np.ndarray:
-    """Resize the shorter side to ``max(size) / crop_pct`` (bicubic) and centre-crop to ``size``.
-
-    The same arithmetic as ``fmlora.data._load_rgb`` (training), so a served image reaches the model
-    exactly as a training image of the same pixels did. Returns uint8 (H, W, 3).
-    """
+    """``fmlora.data.resize_center_crop``: the resize/crop training uses, so serving sees the same pixels."""
     if not 0 < crop_pct <= 1:
         raise ValueError("crop_pct must be in (0, 1]")
-    height, width = int(size[0]), int(size[1])
-    if isinstance(image, np.ndarray):
-        if image.shape[0] == height and image.shape[1] == width and crop_pct == 1.0:
-            return np.ascontiguousarray(image)
-        img = Image.fromarray(np.ascontiguousarray(image))
-    else:
-        img = image if image.mode == "RGB" else image.convert("RGB")
-    scale = max(height, width) / crop_pct / min(img.size)
-    resized = img.resize(
-        (max(width, round(img.width * scale)), max(height, round(img.height * scale))),
-        Image.Resampling.BICUBIC,
-    )
-    left = (resized.width - width) // 2
-    top = (resized.height - height) // 2
-    return np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.uint8)
+    return resize_center_crop(image, size, crop_pct)
 
 
 def prepare_image(image: Any, size: tuple[int, int], crop_pct: float = 1.0) -> np.ndarray:
