@@ -200,6 +200,33 @@ def worker(
     runner.run_forever(exit_when_idle=exit_when_idle)
 
 
+@app.command("export-onnx")
+def export_onnx_command(
+    out: Path = typer.Option(Path("model.onnx"), help="Where to write the graph (+ <out>.json, its input spec)."),
+    home: Path | None = typer.Option(
+        None, envvar="FMLORA_HOME", help="Registry whose model configuration to export (default: ModelConfig())."
+    ),
+    opset: int = typer.Option(18, min=17),
+) -> None:
+    """Export the backbone with the adapter as graph INPUTS: one ONNX graph serves every snapshot version."""
+    from .config import ModelConfig
+    from .export import export_onnx
+    from .model import FMLoRAModel
+    from .registry import Registry
+
+    try:
+        config = Registry.open(home).model_config if home is not None else ModelConfig()
+        spec = export_onnx(FMLoRAModel(config), out, opset=opset)
+    except FmloraError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except ImportError as exc:
+        typer.echo(f"error: {exc}; install the extra: pip install 'fmlora[onnx]'", err=True)
+        raise typer.Exit(2) from None
+    out.with_name(out.name + ".json").write_text(spec.to_json())
+    typer.echo(f"wrote {out} and {out.name}.json")
+
+
 def _load_plugins(target: typer.Typer) -> None:
     """Commands from other installed packages (the server, the client SDK) that fmlora must not import."""
     from importlib.metadata import entry_points
