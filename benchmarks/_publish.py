@@ -19,13 +19,13 @@ non-finite tensor, and a missing tensor file. Each is recorded as accepted so th
 pointer moves to it and the server actually tries it.
 
 The server builds its own copy of the model from the registry's ``model.json``, so the backbone must
-be the same in both processes: random weights are first saved to a file (``materialize_backbone``).
+load the same weights in both processes: use a file-backed configuration (``benchmarks._common.
+model_config`` saves random weights to a file first), never ``weights="random"``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -33,46 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from fmlora import BackboneConfig, FMLoRAModel, ModelConfig
+from fmlora import FMLoRAModel
 from fmlora.registry import Registry
 from fmlora.snapshot import CONFIG_FILE, TENSOR_FILE, save_snapshot, sha256_file
 
-__all__ = ["BAD_KINDS", "Published", "Publisher", "materialize_backbone", "open_registry"]
+__all__ = ["BAD_KINDS", "Published", "Publisher"]
 
 BAD_KINDS: tuple[str, ...] = ("corrupt", "truncated", "incompatible", "wrong_shape", "nonfinite", "missing_file")
-
-
-def materialize_backbone(config: ModelConfig, directory: Path, seed: int = 1234) -> ModelConfig:
-    """``config`` with a random-weights backbone saved to ``directory`` (weights='file'), so every
-    process that builds the model gets the same weights. Other configs are returned unchanged."""
-    backbone = config.backbone
-    if backbone.weights != "random":
-        return config
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{backbone.name}-random-{seed}.safetensors"
-    if not path.exists():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = timm.create_model(backbone.name, pretrained=False, num_classes=0, **backbone.model_kwargs)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
-    return config.model_copy(
-        update={
-            "backbone": BackboneConfig(
-                name=backbone.name,
-                weights="file",
-                weights_path=path,
-                model_kwargs=dict(backbone.model_kwargs),
-                data_config_overrides=dict(backbone.data_config_overrides),
-                input_norm=backbone.input_norm,
-            )
-        }
-    )
 
 
 @dataclass(frozen=True)
@@ -276,10 +246,3 @@ def _rewrite_manifest(config_path: Path, tensor_path: Path) -> str:
     raw["tensor_bytes"] = tensor_path.stat().st_size
     config_path.write_text(json.dumps(raw, indent=2), encoding="utf-8")
     return sha
-
-
-def open_registry(home: Path, config: ModelConfig | None = None) -> Registry:
-    """Open (creating) a registry home for a benchmark; random backbones are saved beside it first."""
-    config = config or ModelConfig()
-    config = materialize_backbone(config, Path(home).parent / "backbones")
-    return Registry.open(home, config)

@@ -218,7 +218,7 @@ class Control:
             return None
         return response.json().get("serving_version")
 
-    def wait_serving(self, version: int, timeout_s: float, interval_s: float = 0.002) -> float | None:
+    def wait_serving(self, version: int, timeout_s: float, interval_s: float = 0.005) -> float | None:
         """Poll until the server serves ``version``; the monotonic time it was first seen, or None."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
