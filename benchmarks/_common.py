@@ -15,7 +15,8 @@ What is here (a stable API: other scripts import it):
   ``learn_quickly(model, name, classes, seed)``, ``publish_version(registry, model, task)``,
   ``make_home(home, backbone, tasks=2, ...)`` → ``BenchHome``
 * a real server: ``ServerProcess(home, settings={...}).start()`` (context manager), ``.url``,
-  ``.pid``, ``.admin_key``, ``.log_tail()``
+  ``.pid``, ``.admin_key``, ``.log_tail()``; ``start(wait=False)`` + ``wait_ready()`` overlap its
+  start-up with other set-up
 * images and requests: ``random_images(n, size, seed)``, ``encode_image(array, fmt)``,
   ``predict_body(blobs, top_k, prompt)``
 * HTTP load: ``http_load(url, body, concurrency=.., seconds=..)`` (closed loop, asyncio httpx) →
@@ -528,6 +529,7 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_in_s: float | None = None
         self.used_launcher: str | None = None
+        self._launched_at = 0.0
 
     @property
     def pid(self) -> int:
@@ -568,16 +570,26 @@ class ServerProcess:
         extra.update(self.extra_env)
         return child_env(self.threads, **extra)
 
-    def start(self) -> ServerProcess:
+    def start(self, wait: bool = True) -> ServerProcess:
+        """Launch the server; with ``wait`` (default) return once GET /readyz answers 200. With
+        ``wait=False`` return at once (do other set-up meanwhile) and call ``wait_ready()`` later."""
         if self.proc is not None:
             raise ServerError("the server is already started")
-        started = time.perf_counter()
+        self._launched_at = time.perf_counter()
         cmd = self.command()
         log = self.log_path.open("wb")
         try:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=self._env(), stdout=log, stderr=subprocess.STDOUT)
         finally:
             log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> ServerProcess:
+        """Block until GET /readyz answers 200 (ServerError if the process exits or the time runs out)."""
+        if self.proc is None:
+            raise ServerError("the server is not started")
         deadline = time.monotonic() + self.ready_timeout_s
         while True:
             if self.proc.poll() is not None:
@@ -588,7 +600,8 @@ class ServerProcess:
                 self.stop()
                 raise ServerError(f"the server was not ready within {self.ready_timeout_s:g} s:\n{self.log_tail()}")
             time.sleep(0.1)
-        self.started_in_s = time.perf_counter() - started
+        if self.started_in_s is None:
+            self.started_in_s = time.perf_counter() - self._launched_at
         return self
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -701,6 +714,8 @@ class LoadResult:
     connection_errors: int = 0
     error_types: dict[str, int] = field(default_factory=dict)
     client_cpu_s: float = 0.0
+    # (seconds since ``t0`` when the answer came, status, latency seconds) when ``record_events``.
+    events: list[tuple[float, int, float]] = field(default_factory=list)
 
     @property
     def requests(self) -> int:
@@ -748,6 +763,8 @@ async def http_load_async(
     reject_pause_s: float = 0.0,
     max_requests: int | None = None,
     min_requests_per_client: int = 0,
+    record_events: bool = False,
+    t0: float | None = None,
 ) -> LoadResult:
     """``concurrency`` clients each POST ``body`` (or the bodies in turn) back to back for ``seconds``.
 
@@ -755,7 +772,8 @@ async def http_load_async(
     polite client would, instead of spinning on rejections. Requests started before the deadline are
     awaited and counted; ``wall_s`` runs to the last answer. Each client sends at least
     ``min_requests_per_client`` requests (``seconds=0, min_requests_per_client=1``: a warm-up), and all
-    together at most ``max_requests``.
+    together at most ``max_requests``. ``record_events`` keeps every answer's (time since ``t0``
+    (a ``time.perf_counter()`` value; default: the start), status, latency) for timelines.
     """
     import httpx
 
@@ -764,10 +782,13 @@ async def http_load_async(
     result = LoadResult(concurrency=concurrency, wall_s=0.0, images_per_request=images_per_request)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0))
-    started = time.perf_counter()
-    deadline = started + seconds
+    # Set when the client exists (building one takes tens of milliseconds: its SSL context).
+    started = deadline = origin = 0.0
     counter = 0
-    cpu0 = time.process_time()
+
+    def note(status: int, latency: float) -> None:
+        if record_events:
+            result.events.append((time.perf_counter() - origin, status, latency))
 
     async def one_client(client: httpx.AsyncClient, index: int) -> None:
         nonlocal counter
@@ -780,20 +801,23 @@ async def http_load_async(
             sent += 1
             payload = bodies[i % len(bodies)]
             i += concurrency
-            t0 = time.perf_counter()
+            t_req = time.perf_counter()
             try:
                 resp = await client.post(url + path, content=payload, headers=hdrs)
             except httpx.TimeoutException:
                 result.client_timeouts += 1
                 result.statuses[0] = result.statuses.get(0, 0) + 1
+                note(0, time.perf_counter() - t_req)
                 continue
             except httpx.TransportError:
                 result.connection_errors += 1
                 result.statuses[0] = result.statuses.get(0, 0) + 1
+                note(0, time.perf_counter() - t_req)
                 await asyncio.sleep(0.05)
                 continue
-            elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t_req
             status = resp.status_code
+            note(status, elapsed)
             result.statuses[status] = result.statuses.get(status, 0) + 1
             if status == 200:
                 result.latencies_s.append(elapsed)
@@ -813,9 +837,13 @@ async def http_load_async(
                 await asyncio.sleep(reject_pause_s)
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        started = time.perf_counter()
+        origin = started if t0 is None else t0
+        deadline = started + seconds
+        cpu0 = time.process_time()
         await asyncio.gather(*(one_client(client, k) for k in range(concurrency)))
-    result.wall_s = time.perf_counter() - started
-    result.client_cpu_s = time.process_time() - cpu0
+        result.wall_s = time.perf_counter() - started
+        result.client_cpu_s = time.process_time() - cpu0
     return result
 
 

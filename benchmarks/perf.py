@@ -16,6 +16,8 @@ measures images/s and latency at each batch size for:
 * ``engine``: ``server.engine.Engine.predict_sync`` on uint8 arrays at the model's input size, one
   request of ``batch`` images at a time (resize/crop, normalisation, micro-batcher hand-off, forward,
   softmax, top-k, prompt info; ``max_wait_ms=0`` so a request never waits for company);
+* ``engine_async``: the same engine under ``concurrency`` asyncio callers of ``Engine.predict`` (as the
+  server's handlers call it; resizing in the engine's pool overlaps the previous forward);
 * ``http``: a real server subprocess (``fmlora serve``), ``concurrency`` asyncio httpx clients posting
   JSON requests of ``batch`` pre-encoded images to POST /predict back to back;
 * ``onnx``: the engine with ``backend='onnx'`` when server/onnx_engine.py and onnxruntime exist.
@@ -27,6 +29,7 @@ HTTP ≥ 0.85 × bare at batch 32) and ``perf-<backbone>.png``. It measures; it 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import importlib.util
@@ -60,7 +63,7 @@ from benchmarks._common import (
     write_json,
 )
 
-PATHS = ("bare", "model", "engine", "http", "onnx")
+PATHS = ("bare", "model", "engine", "engine_async", "http", "onnx")
 ENGINE_TARGET = 0.95
 HTTP_TARGET = 0.85
 HTTP_TARGET_BATCH = 32
@@ -222,8 +225,63 @@ class EngineRunner:
         result["engine_items"] = after.get("items_total", 0) - before.get("items_total", 0)
         return result
 
+    def measure_async(self, batch: int, seconds: float, first: bool, concurrency: int) -> dict[str, Any]:
+        """``concurrency`` asyncio callers of ``Engine.predict`` (as the server's request handlers call
+        it): resizing in the engine's thread pool overlaps the forward of the batch before."""
+        engine, images = self.engine, self.images[batch]
+
+        async def go(duration: float, min_calls: int) -> list[float]:
+            latencies: list[float] = []
+            deadline = time.perf_counter() + duration
+
+            async def caller() -> None:
+                calls = 0
+                while time.perf_counter() < deadline or calls < min_calls:
+                    t0 = time.perf_counter()
+                    pred = await engine.predict(images, top_k=5, prompt="auto")
+                    latencies.append(time.perf_counter() - t0)
+                    calls += 1
+                    if len(pred.results) != batch:
+                        raise RuntimeError(f"{len(pred.results)} results for {batch} images")
+
+            await asyncio.gather(*(caller() for _ in range(concurrency)))
+            return latencies
+
+        if first:
+            asyncio.run(go(0.0, 1))
+        before = engine.stats()
+        started, cpu0 = time.perf_counter(), time.process_time()
+        latencies = asyncio.run(go(seconds, 1))
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu0
+        after = engine.stats()
+        return {
+            "images": len(latencies) * batch,
+            "iterations": len(latencies),
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "concurrency": concurrency,
+            "engine_batches": after.get("batches_total", 0) - before.get("batches_total", 0),
+            "engine_items": after.get("items_total", 0) - before.get("items_total", 0),
+            "_latencies": latencies,
+        }
+
     def close(self) -> None:
         self.engine.stop(10.0)
+
+
+class EngineAsyncView:
+    """The ``engine_async`` path: the ``engine`` runner's engine under concurrent async callers."""
+
+    def __init__(self, runner: EngineRunner, max_batch: int, concurrency: str) -> None:
+        self.runner, self.max_batch, self.concurrency = runner, max_batch, concurrency
+        self.info = {"shares_engine_with": "engine"}
+
+    def measure(self, batch: int, seconds: float, first: bool) -> dict[str, Any]:
+        c = http_concurrency(batch, self.max_batch, self.concurrency)
+        return self.runner.measure_async(batch, seconds, first, c)
+
+    def close(self) -> None:
+        pass  # the engine runner stops the engine
 
 
 def http_concurrency(batch: int, max_batch: int, setting: str) -> int:
@@ -268,15 +326,15 @@ class HttpRunner:
             ]
             for b in batches
         }
-        t0 = time.perf_counter()
+        # Launched now, waited for in ready(): the server starts while the other paths set up.
         self.server = ServerProcess(
             bench.home, settings=self.settings, threads=threads, log_path=log_path, launcher=launcher
-        ).start()
-        self.info: dict[str, Any] = {
-            "start_s": round(time.perf_counter() - t0, 3),
-            "launcher": self.server.used_launcher,
-            "settings": self.settings,
-        }
+        ).start(wait=False)
+        self.info: dict[str, Any] = {"launcher": self.server.used_launcher, "settings": self.settings}
+
+    def ready(self) -> None:
+        self.server.wait_ready()
+        self.info["start_s"] = round(self.server.started_in_s or 0.0, 3)
         with contextlib.suppress(Exception):
             self.info["server_info"] = self.server.get_json("/info")
 
@@ -288,7 +346,9 @@ class HttpRunner:
                 server.url, bodies, concurrency=c, seconds=0.0, images_per_request=batch, min_requests_per_client=1
             )
         m0, cpu0 = scrape_metrics(server.url), process_cpu_seconds(server.pid)
-        load = http_load(server.url, bodies, concurrency=c, seconds=seconds, images_per_request=batch)
+        load = http_load(
+            server.url, bodies, concurrency=c, seconds=seconds, images_per_request=batch, min_requests_per_client=1
+        )
         m1, cpu1 = scrape_metrics(server.url), process_cpu_seconds(server.pid)
         if not server.alive():
             raise RuntimeError(f"the server died during the run:\n{server.log_tail()}")
@@ -347,6 +407,7 @@ def aggregate(rounds: list[dict[str, Any]], batch: int) -> dict[str, Any]:
         out["mean_batch_size"] = round(out["engine_items"] / out["engine_batches"], 3)
     if "concurrency" in rounds[0]:
         out["concurrency"] = rounds[0]["concurrency"]
+    if "statuses" in rounds[0]:
         out["request_bytes"] = rounds[0]["request_bytes"]
         statuses: dict[str, int] = {}
         for r in rounds:
@@ -385,16 +446,18 @@ def _ratios(section: dict[str, Any], bare: dict[str, Any], batches: Sequence[int
 
 def _targets(ratios: dict[str, Any], batches: Sequence[int]) -> dict[str, Any]:
     at = str(HTTP_TARGET_BATCH if HTTP_TARGET_BATCH in batches else max(batches))
-    engine = ratios.get("engine", {}).get("median_of_rounds", {})
-    engine_vals = [v for v in engine.values() if v is not None]
     http = ratios.get("http", {}).get("median_of_rounds", {}).get(at)
-    return {
-        "basis": "median over rounds of the same-round ratio to bare",
-        "engine_ge_0.95_of_bare": {
+    out: dict[str, Any] = {"basis": "median over rounds of the same-round ratio to bare"}
+    for path in ("engine", "engine_async"):
+        engine = ratios.get(path, {}).get("median_of_rounds", {})
+        engine_vals = [v for v in engine.values() if v is not None]
+        out[f"{path}_ge_0.95_of_bare"] = {
             "target": ENGINE_TARGET,
             "per_batch": {b: (None if v is None else v >= ENGINE_TARGET) for b, v in engine.items()},
             "met": bool(engine_vals) and all(v >= ENGINE_TARGET for v in engine_vals),
-        },
+        }
+    return {
+        **out,
         "http_ge_0.85_of_bare": {
             "target": HTTP_TARGET,
             "batch": int(at),
@@ -402,6 +465,74 @@ def _targets(ratios: dict[str, Any], batches: Sequence[int]) -> dict[str, Any]:
             "met": None if http is None else http >= HTTP_TARGET,
         },
     }
+
+
+def _setup_runners(
+    name: str,
+    args: argparse.Namespace,
+    bench: BenchHome,
+    labels: int,
+    device: Any,
+    dtype: Any,
+    work: Path,
+    runners: dict[str, Any],
+    result: dict[str, Any],
+) -> None:
+    """Build the runner of every wanted path into ``runners`` (the caller closes them, also on failure)."""
+    batches = args.batches
+    dtype_name = str(dtype).replace("torch.", "")
+    order = sorted(PATHS, key=lambda p: p != "http")  # the server starts while the rest sets up
+    for path in order:
+        if path not in args.paths:
+            result[path] = {"status": "skipped"}
+            continue
+        if path == "onnx":
+            reason = onnx_unavailable(str(device))
+            if reason is not None:
+                result[path] = {"status": "unavailable", "reason": reason}
+                print(f"[perf] {name}: onnx unavailable: {reason}", flush=True)
+                continue
+        print(f"[perf] {name}: setting up {path} ...", flush=True)
+        try:
+            if path == "bare":
+                runners[path] = BareRunner(bench.config, labels, batches, device, dtype)
+            elif path == "model":
+                runners[path] = ModelRunner(bench, batches, device, dtype)
+            elif path == "engine":
+                runners[path] = EngineRunner(bench, batches, str(device), dtype_name, "torch")
+            elif path == "engine_async":
+                engine = runners.get("engine")
+                if engine is None:
+                    raise RuntimeError("engine_async needs the engine path")
+                runners[path] = EngineAsyncView(engine, max(batches), args.http_concurrency)
+            elif path == "onnx":
+                runners[path] = EngineRunner(bench, batches, "cpu", "float32", "onnx")
+            else:
+                runners[path] = HttpRunner(
+                    bench,
+                    batches,
+                    str(device),
+                    dtype_name,
+                    concurrency=args.http_concurrency,
+                    image_format=args.image_format,
+                    threads=args.threads,
+                    log_path=work / f"server-{name}.log",
+                    launcher=args.launcher,
+                )
+        except Exception as exc:
+            if args.strict:
+                raise
+            traceback.print_exc()
+            result[path] = {"status": "failed", "reason": f"setup: {type(exc).__name__}: {exc}"}
+    if "http" in runners:
+        try:
+            runners["http"].ready()
+        except Exception as exc:
+            if args.strict:
+                raise
+            traceback.print_exc()
+            runners.pop("http").close()
+            result["http"] = {"status": "failed", "reason": f"setup: {type(exc).__name__}: {exc}"}
 
 
 def run_backbone(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -435,47 +566,15 @@ def run_backbone(name: str, args: argparse.Namespace, work: Path) -> dict[str, A
         "home_setup_s": round(time.perf_counter() - t0, 3),
     }
     runners: dict[str, Any] = {}
-    for path in PATHS:
-        if path not in args.paths:
-            result[path] = {"status": "skipped"}
-            continue
-        if path == "onnx":
-            reason = onnx_unavailable(str(device))
-            if reason is not None:
-                result[path] = {"status": "unavailable", "reason": reason}
-                print(f"[perf] {name}: onnx unavailable: {reason}", flush=True)
-                continue
-        print(f"[perf] {name}: setting up {path} ...", flush=True)
-        try:
-            if path == "bare":
-                runners[path] = BareRunner(bench.config, labels, batches, device, dtype)
-            elif path == "model":
-                runners[path] = ModelRunner(bench, batches, device, dtype)
-            elif path == "engine":
-                runners[path] = EngineRunner(bench, batches, str(device), dtype_name, "torch")
-            elif path == "onnx":
-                runners[path] = EngineRunner(bench, batches, "cpu", "float32", "onnx")
-            else:
-                runners[path] = HttpRunner(
-                    bench,
-                    batches,
-                    str(device),
-                    dtype_name,
-                    concurrency=args.http_concurrency,
-                    image_format=args.image_format,
-                    threads=args.threads,
-                    log_path=work / f"server-{name}.log",
-                    launcher=args.launcher,
-                )
-        except Exception as exc:
-            if args.strict:
-                raise
-            traceback.print_exc()
-            result[path] = {"status": "failed", "reason": f"setup: {type(exc).__name__}: {exc}"}
-    rounds: dict[str, dict[int, list[dict[str, Any]]]] = {p: {b: [] for b in batches} for p in runners}
+    rounds: dict[str, dict[int, list[dict[str, Any]]]] = {}
     failed: dict[str, str] = {}
     per_round = args.seconds / args.rounds
     try:
+        _setup_runners(name, args, bench, labels, device, dtype, work, runners, result)
+        order = {p: runners[p] for p in PATHS if p in runners}
+        runners.clear()
+        runners.update(order)
+        rounds = {p: {b: [] for b in batches} for p in runners}
         for r in range(args.rounds):
             for b in batches:
                 for path, runner in runners.items():
@@ -616,7 +715,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=2, help="published tasks in the snapshot (>= 2)")
     parser.add_argument("--classes-per-task", type=int, default=5)
     parser.add_argument("--weights", default="random", choices=["random", "pretrained"])
-    parser.add_argument("--http-concurrency", default="auto", help="clients per batch size ('auto' or a number)")
+    parser.add_argument(
+        "--http-concurrency",
+        default="auto",
+        help="clients per batch size for http and engine_async ('auto': ceil(max batch / batch), at least 2)",
+    )
     parser.add_argument("--image-format", default="jpeg", choices=["jpeg", "png"])
     parser.add_argument("--threads", type=int, default=None, help="torch/OMP threads here and in the server")
     parser.add_argument("--launcher", default="auto", choices=["auto", "cli", "uvicorn"])
@@ -630,6 +733,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown paths: {', '.join(sorted(unknown))}")
     if "bare" not in args.paths:
         args.paths.insert(0, "bare")  # ratios need the limit
+    if "engine_async" in args.paths and "engine" not in args.paths:
+        args.paths.append("engine")  # engine_async shares its engine
+    args.paths = [p for p in PATHS if p in args.paths]
     if args.rounds < 1 or args.seconds < 0:
         parser.error("--rounds must be >= 1 and --seconds >= 0")
     if not args.batches or min(args.batches) < 1:
