@@ -1,15 +1,18 @@
 """Bearer-key authentication: an admin key for management, an optional API key for everything else.
 
-- Missing or malformed ``Authorization`` header → 401 (with ``WWW-Authenticate: Bearer``).
-- A well-formed key that is not accepted for the route → 403.
+- Missing or malformed ``Authorization`` header, or a key this server does not know → 401 (with
+  ``WWW-Authenticate: Bearer``), as RFC 6750 has it for an invalid token.
+- A valid key that may not do this (the API key on a management route) → 403.
 - No admin key configured → every management call is 403 (management is off, as in TorchServe's
   default), unless ``auth_disabled`` is set explicitly for local use.
 
-Keys are compared with ``hmac.compare_digest`` and never logged or echoed.
+Keys are compared in constant time (``hmac.compare_digest`` over SHA-256 digests) and never logged
+or echoed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Request, Security
@@ -54,7 +57,19 @@ def _presented_key(request: Request) -> bytes:
 def _matches(presented: bytes, key: SecretStr | None) -> bool:
     if key is None:
         return False
-    return hmac.compare_digest(presented, key.get_secret_value().encode("utf-8"))
+    # Compare fixed-length digests: compare_digest on raw keys of different lengths returns early,
+    # which would reveal the configured key's length.
+    expected = hashlib.sha256(key.get_secret_value().encode("utf-8")).digest()
+    return hmac.compare_digest(hashlib.sha256(presented).digest(), expected)
+
+
+def _unknown_key() -> ApiError:
+    return ApiError(
+        401,
+        "unauthorized",
+        "this key is not valid for this server",
+        headers={"WWW-Authenticate": 'Bearer realm="fmlora", error="invalid_token"'},
+    )
 
 
 def require_admin(request: Request, _credentials: object = Security(bearer_scheme)) -> None:
@@ -69,8 +84,14 @@ def require_admin(request: Request, _credentials: object = Security(bearer_schem
             "management is disabled on this server: no admin key is configured (set FMLORA_ADMIN_KEY)",
         )
     presented = _presented_key(request)
-    if not _matches(presented, settings.admin_key):
+    # Both comparisons always run, so timing does not reveal which key came close.
+    admin_ok = _matches(presented, settings.admin_key)
+    api_ok = _matches(presented, settings.api_key)
+    if admin_ok:
+        return
+    if api_ok:
         raise ApiError(403, "forbidden", "this key is not allowed to manage the server (admin key required)")
+    raise _unknown_key()
 
 
 def require_api_key(request: Request, _credentials: object = Security(bearer_scheme)) -> None:
@@ -79,8 +100,7 @@ def require_api_key(request: Request, _credentials: object = Security(bearer_sch
     if settings.auth_disabled or settings.api_key is None:
         return
     presented = _presented_key(request)
-    # Both comparisons always run, so timing does not reveal which key came close.
     api_ok = _matches(presented, settings.api_key)
     admin_ok = _matches(presented, settings.admin_key)
     if not (api_ok or admin_ok):
-        raise ApiError(403, "forbidden", "this key is not valid for this server")
+        raise _unknown_key()

@@ -16,8 +16,8 @@ log = logging.getLogger("fmlora.server")
 router = APIRouter(tags=["models"])
 
 _AUTH = {
-    401: {"model": ErrorEnvelope, "description": "Missing or malformed Authorization header."},
-    403: {"model": ErrorEnvelope, "description": "The key is not accepted for this route."},
+    401: {"model": ErrorEnvelope, "description": "Missing or malformed Authorization header, or an unknown key."},
+    403: {"model": ErrorEnvelope, "description": "A valid key without this right, or management is off."},
 }
 
 

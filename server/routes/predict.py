@@ -153,8 +153,7 @@ def _plain(value: Any) -> Any:
     openapi_extra=_REQUEST_BODY,
     responses={
         400: _e("An image is not valid base64 or not a decodable image."),
-        401: _e("Missing or malformed Authorization header (when FMLORA_API_KEY is set)."),
-        403: _e("The key is not valid for this server."),
+        401: _e("Missing or malformed Authorization header, or an unknown key (when FMLORA_API_KEY is set)."),
         404: _e("The pinned version does not exist."),
         409: _e("The pinned version exists but cannot be served."),
         413: _e("Body too large, too many images, or an image has too many pixels."),

@@ -25,8 +25,8 @@ router = APIRouter(tags=["tasks"])
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
 
 _AUTH = {
-    401: {"model": ErrorEnvelope, "description": "Missing or malformed Authorization header."},
-    403: {"model": ErrorEnvelope, "description": "The key is not accepted for this route."},
+    401: {"model": ErrorEnvelope, "description": "Missing or malformed Authorization header, or an unknown key."},
+    403: {"model": ErrorEnvelope, "description": "A valid key without this right, or management is off."},
 }
 
 

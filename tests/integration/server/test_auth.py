@@ -1,4 +1,5 @@
-"""Bearer keys: 401 for missing/malformed, 403 for wrong keys, management off without an admin key."""
+"""Bearer keys: 401 for missing/malformed/unknown keys, 403 for a known key without the right, management off
+without an admin key."""
 
 from __future__ import annotations
 
@@ -26,8 +27,14 @@ def test_activation_needs_the_admin_key(make_client, versioned):
     r = client.post("/models/1/activate")
     assert_envelope(r, 401, "unauthorized")
     assert r.headers["www-authenticate"].startswith("Bearer")
-    assert_envelope(client.post("/models/1/activate", headers=auth("wrong-key-0123456789")), 403, "forbidden")
-    assert_envelope(client.post("/models/1/activate", headers=auth(API)), 403, "forbidden")
+    # An unknown key is an invalid credential (401, RFC 6750); a known key without the right is 403.
+    r = client.post("/models/1/activate", headers=auth("wrong-key-0123456789"))
+    assert_envelope(r, 401, "unauthorized")
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
+    assert_envelope(client.post("/models/1/activate", headers=auth(API)), 401, "unauthorized")
+    client_with_api_key = make_client(api_key=API)
+    assert_envelope(client_with_api_key.post("/models/1/activate", headers=auth(API)), 403, "forbidden")
+    assert versioned.live_version() == 2
     assert client.post("/models/1/activate", headers=auth(ADMIN)).status_code == 200
 
 
@@ -59,7 +66,7 @@ def test_task_upload_needs_the_admin_key_before_the_body_is_read(make_client, ve
     r = client.post("/tasks", files={"archive": ("a.zip", b"PK\x03\x04" * 10)}, data={"name": "x"})
     assert_envelope(r, 401, "unauthorized")
     r = client.post("/tasks", content=b"not even multipart", headers=auth("nope-nope-nope-nope"))
-    assert_envelope(r, 403, "forbidden")
+    assert_envelope(r, 401, "unauthorized")
 
 
 def test_without_an_admin_key_management_is_off(make_client, versioned):
@@ -89,7 +96,7 @@ def test_api_key_guards_predictions_and_reads(make_client, versioned):
     ]
     for method, path, kwargs in guarded:
         assert_envelope(client.request(method, path, **kwargs), 401, "unauthorized")
-        assert_envelope(client.request(method, path, headers=auth("wrong-key-0123456789"), **kwargs), 403)
+        assert_envelope(client.request(method, path, headers=auth("wrong-key-0123456789"), **kwargs), 401)
         for key in (API, ADMIN):
             r = client.request(method, path, headers=auth(key), **kwargs)
             assert r.status_code in (200, 404), (path, r.text)
@@ -115,3 +122,25 @@ def test_weak_keys_are_refused_without_echoing_them(key):
     with pytest.raises(ValueError) as excinfo:
         Settings(admin_key=key)
     assert key not in str(excinfo.value)
+
+
+def test_keys_are_compared_as_fixed_length_digests(monkeypatch):
+    """compare_digest returns early on inputs of different lengths; the server only ever compares
+    SHA-256 digests, so the configured key's length does not show in the timing."""
+    import hmac
+
+    from server import auth as auth_module
+
+    seen: list[tuple[int, int]] = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        seen.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(auth_module.hmac, "compare_digest", spy)
+    from pydantic import SecretStr
+
+    assert auth_module._matches(ADMIN.encode(), SecretStr(ADMIN))
+    assert not auth_module._matches(b"x", SecretStr(ADMIN))
+    assert seen == [(32, 32), (32, 32)]
