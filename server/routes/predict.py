@@ -83,8 +83,12 @@ def _parse_prompt(raw: str) -> Any:
         ) from None
 
 
-async def _read_json(request: Request, limit: int) -> tuple[list[bytes], PredictForm]:
-    body = await request.body()
+# Bodies above this are parsed and base64-decoded in a worker thread: tens of MiB of JSON would hold
+# the event loop (every other request, the probes) for tens of milliseconds.
+INLINE_JSON_BYTES = 256 * 1024
+
+
+def _parse_json(body: bytes, limit: int) -> tuple[list[bytes], PredictForm]:
     try:
         parsed = PredictRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -93,6 +97,13 @@ async def _read_json(request: Request, limit: int) -> tuple[list[bytes], Predict
         raise ApiError(413, "too_many_images", f"{len(parsed.images)} images in one request; the limit is {limit}")
     blobs = [_b64(i, text) for i, text in enumerate(parsed.images)]
     return blobs, PredictForm(top_k=parsed.top_k, prompt=parsed.prompt, version=parsed.version)
+
+
+async def _read_json(request: Request, limit: int) -> tuple[list[bytes], PredictForm]:
+    body = await request.body()
+    if len(body) <= INLINE_JSON_BYTES:
+        return _parse_json(body, limit)
+    return await run_in_threadpool(_parse_json, body, limit)
 
 
 async def _read_multipart(request: Request, limit: int) -> tuple[list[bytes], PredictForm]:

@@ -270,3 +270,35 @@ def test_unexpected_engine_error_is_a_500_without_its_text(make_client, registry
     assert error["request_id"] == "trace-42"
     assert any("trace-42" in rec.getMessage() and rec.exc_info for rec in caplog.records)
     assert client.get("/readyz").status_code == 200
+
+
+def test_large_json_bodies_are_parsed_off_the_event_loop(client, monkeypatch):
+    """Megabytes of JSON and base64 must not hold the event loop (and with it every other request)."""
+    import asyncio
+
+    from server.routes import predict as predict_route
+
+    on_loop: list[bool] = []
+    real = predict_route._parse_json
+
+    def spy(body, limit):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(body, limit)
+
+    monkeypatch.setattr(predict_route, "_parse_json", spy)
+    small = {"images": [b64(png_bytes())]}
+    big = {"images": [b64(png_bytes((512, 512), (1, 2, 3), fmt="BMP"))] * 2}
+    assert len(json_bytes(big)) > predict_route.INLINE_JSON_BYTES
+    assert client.post("/predict", json=small).status_code == 200
+    assert client.post("/predict", json=big).status_code == 200
+    assert on_loop == [True, False]
+
+
+def json_bytes(value) -> bytes:
+    import json
+
+    return json.dumps(value).encode()
