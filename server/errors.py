@@ -15,6 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -187,6 +188,19 @@ def validation_message(details: Sequence[Mapping[str, Any]]) -> str:
     return "invalid request: " + "; ".join(parts) + more
 
 
+def _scrub_paths(request: Request, message: str) -> str:
+    """Library messages may name files under the registry home (e.g. a version's missing snapshot);
+    clients learn the layout relative to FMLORA_HOME, never the server's absolute paths."""
+    registry = getattr(getattr(request.app.state, "fmlora", None), "registry", None)
+    home = getattr(registry, "home", None)
+    if home is None:
+        return message
+    for prefix in {str(home), str(Path(home).resolve())}:
+        if prefix and prefix != "/":
+            message = message.replace(prefix, "$FMLORA_HOME")
+    return message
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route FastAPI's, Starlette's and our own exceptions through the envelope."""
 
@@ -221,6 +235,7 @@ def install_error_handlers(app: FastAPI) -> None:
             )
             return _internal(rid)
         status, error_type, message, retry_after = mapped
+        message = _scrub_paths(request, message)
         headers = {"Retry-After": str(max(0, math.ceil(retry_after)))} if retry_after is not None else None
         # 503 is routine while loading (probes poll it): keep it out of the warning log.
         level = logging.WARNING if status >= 500 and status != 503 else logging.DEBUG

@@ -25,6 +25,7 @@ log = logging.getLogger("fmlora.server")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SWAP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -143,7 +144,8 @@ class ServerMetrics:
 
     def request_finished(self, method: str, route: str, status: int, seconds: float) -> None:
         self.in_flight.dec()
-        labels = (method, route, str(status))
+        # The method is client-chosen text: unknown ones share one label, or any client could add series.
+        labels = (method if method in HTTP_METHODS else "OTHER", route, str(status))
         self.requests.labels(*labels).inc()
         self.latency.labels(*labels).observe(seconds)
 

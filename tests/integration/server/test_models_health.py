@@ -59,6 +59,15 @@ def test_activation_errors(make_client, versioned):
     assert versioned.live_version() == 2
 
 
+def test_activation_errors_do_not_reveal_server_paths(make_client, versioned):
+    (versioned.snapshot_dir(1) / "adapter_config.json").unlink()
+    client = make_client()
+    error = assert_envelope(client.post("/models/1/activate", headers=ADMIN_H), 409, "version_state")
+    assert "missing" in error["message"] and "$FMLORA_HOME" in error["message"]
+    assert str(versioned.home) not in error["message"] and str(versioned.home.resolve()) not in error["message"]
+    assert versioned.live_version() == 2
+
+
 def test_activation_warns_when_this_replica_cannot_follow(make_client, versioned):
     class StuckEngine(FakeEngine):
         def reload(self):
@@ -134,6 +143,15 @@ def test_two_apps_in_one_process_have_separate_metrics(make_client, registry):
         first.get("/healthz")
     assert 'route="/healthz",status="200"} 3.0' in first.get("/metrics").text
     assert 'route="/healthz"' not in second.get("/metrics").text
+
+
+def test_client_chosen_methods_do_not_add_metric_series(make_client):
+    client = make_client()
+    for i in range(5):
+        assert_envelope(client.request(f"FOO{i}", "/no/such/route"), 404)
+    text = client.get("/metrics").text
+    assert "FOO" not in text
+    assert 'fmlora_http_requests_total{method="OTHER",route="<unmatched>",status="404"} 5.0' in text
 
 
 def test_request_ids_are_accepted_when_sane_and_generated_otherwise(make_client):
