@@ -18,7 +18,9 @@ versions pruned every 50 swaps as a worker with ``keep_versions`` would):
 The detector (``detect_leak``) skips a warm-up (caches filling, allocator arenas), then compares the
 median of the last tenth of the samples with the median of the first tenth; growth above
 ``--limit-mb`` (default 50, the target) is a leak. The real runs must stay under it; the leaky control
-must be flagged, or the soak proves nothing.
+must be flagged, or the soak proves nothing (the control leaks one snapshot's tensors per loaded
+version, ~280 KB for the offline glyph ViT, so ``--swaps`` must make swaps x snapshot size well above the
+limit: 1,000 swaps leak ~270 MB).
 
     python benchmarks/soak.py --out runs/soak [--swaps 1000]
 
@@ -411,17 +413,19 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
     }
     write_json(out / "soak.json", result)
     if cfg.plot:
-        plot_memory(out / "soak.png", runs, cfg.limit_mb)
+        plot_memory(out / "soak.png", runs, cfg.limit_mb, cfg.warmup_for(cfg.swaps))
     return result
 
 
-def plot_memory(path: Path, runs: dict[str, dict[str, Any]], limit_mb: float) -> Path:
+def plot_memory(path: Path, runs: dict[str, dict[str, Any]], limit_mb: float, warmup: int = 0) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    if warmup:
+        ax.axvspan(0, warmup, color="grey", alpha=0.12, label="warm-up (not measured)")
     for name, run in runs.items():
         if not run["rss"]:
             continue
