@@ -94,8 +94,8 @@ def check_positive_int(name: str, value: object) -> int:
 def check_version(version: object) -> int | None:
     if version is None:
         return None
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise InvalidInputError(f"version must be a non-negative integer or None, got {version!r}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidInputError(f"version must be a positive integer (versions start at 1) or None, got {version!r}")
     return version
 
 

@@ -291,7 +291,7 @@ def models(
 
 
 def activate(
-    version: Annotated[int, typer.Argument(help="The version to make live", min=0)],
+    version: Annotated[int, typer.Argument(help="The version to make live", min=1)],
     as_json: JsonOpt = False,
     url: UrlOpt = None,
     api_key: ApiKeyOpt = None,

@@ -223,7 +223,6 @@ _STATUS_CLASSES: dict[int, type[APIStatusError]] = {
 _TYPE_CLASSES: dict[str, type[APIStatusError]] = {
     # 400
     "bad_request": BadRequestError,
-    "invalid_request": BadRequestError,
     "invalid_image": BadRequestError,
     # 401 / 403
     "unauthorized": AuthenticationError,
@@ -250,6 +249,7 @@ _TYPE_CLASSES: dict[str, type[APIStatusError]] = {
     "unsupported_archive": UnsupportedMediaTypeError,
     # 422
     "validation_error": UnprocessableEntityError,
+    "invalid_request": UnprocessableEntityError,  # the server's engine answers it with 422 (e.g. top_k < 1)
     "unprocessable_entity": UnprocessableEntityError,
     "invalid_task": UnprocessableEntityError,
     "unsafe_archive": UnprocessableEntityError,

@@ -177,7 +177,7 @@ class Activation(_Model):
 
 
 class Info(_Model):
-    """``GET /info``: library version, backbone, device, what this replica serves, request limits."""
+    """``GET /info``: library version, backbone, device, what this replica serves, request limits, auth mode."""
 
     name: str | None = None
     version: str | None = None
@@ -192,3 +192,4 @@ class Info(_Model):
     labels: int | None = None
     tasks: list[str] = Field(default_factory=list)
     limits: dict[str, Any] = Field(default_factory=dict)
+    auth: dict[str, bool] = Field(default_factory=dict)  # disabled, admin_enabled, api_key_required

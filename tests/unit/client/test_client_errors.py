@@ -162,3 +162,8 @@ def test_invalid_input_error_is_also_a_value_error():
     assert issubclass(fc.InvalidInputError, ValueError)
     assert issubclass(fc.InvalidInputError, fc.FmloraClientError)
     assert issubclass(fc.WaitTimeoutError, TimeoutError)
+
+
+def test_invalid_request_is_a_422_family_error():
+    """The server's engine answers ``invalid_request`` with 422; the type must not turn it into a 400."""
+    assert type(status_error_from_response(_response(422, "invalid_request"))) is fc.UnprocessableEntityError

@@ -135,6 +135,7 @@ def test_extra_fields_are_kept(make_client, server):
         {"top_k": True},
         {"batch_size": 0},
         {"version": -1},
+        {"version": 0},
         {"version": "3"},
         {"prompt": 5},
         {"encoding": "xml"},

@@ -1,0 +1,84 @@
+"""The SDK and the server agree: every error type the server answers with maps to the client exception of
+its status family, and every field the server's response schemas document is a typed field of the
+client's model (not just an "extra" the client happens to keep)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from fmlora_client import models as client_models
+from fmlora_client.errors import class_for
+
+from server import errors as server_errors
+from server import errors_core, schemas
+
+# Types raised as ApiError(status, type, ...) in the app, routes and auth (literals in the code).
+ROUTE_ERRORS = [
+    (400, "bad_request"),
+    (401, "unauthorized"),
+    (403, "forbidden"),
+    (403, "admin_disabled"),
+    (413, "payload_too_large"),
+    (413, "too_many_images"),
+    (413, "too_many_files"),
+    (413, "archive_too_large"),
+    (415, "unsupported_media_type"),
+    (422, "validation_error"),
+    (503, "engine_failed"),
+]
+
+
+def test_the_route_error_list_is_complete():
+    """Every literal ApiError(status, "type") in the server is listed above (f-string types expanded)."""
+    root = Path(server_errors.__file__).parent
+    pattern = re.compile(r'ApiError\(\s*(\d{3}),\s*f?"([a-z_{}]+)"')
+    found = set()
+    for path in [*root.glob("*.py"), *root.glob("routes/*.py")]:
+        for status, name in pattern.findall(path.read_text()):
+            found |= {(int(status), n) for n in ([name] if "{" not in name else ["too_many_images", "too_many_files"])}
+    assert found and found <= set(ROUTE_ERRORS), sorted(found - set(ROUTE_ERRORS))
+
+
+def _engine_errors() -> list[tuple[int, str]]:
+    found, todo = [], [errors_core.EngineError]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        found.append((cls.status_code, cls.error_type))
+    return found
+
+
+SERVER_ERRORS = sorted(
+    set(ROUTE_ERRORS)
+    | set(_engine_errors())
+    | set(server_errors.LIBRARY_ERRORS.values())
+    | {(status, name) for status, name in server_errors._STATUS_TYPES.items()}
+)
+
+
+@pytest.mark.parametrize(("status", "error_type"), SERVER_ERRORS, ids=[f"{s}-{t}" for s, t in SERVER_ERRORS])
+def test_every_server_error_type_maps_to_its_status_family(status, error_type):
+    assert class_for(status, error_type) is class_for(status, None)
+
+
+PAIRS = [
+    (schemas.PredictResponse, client_models.Prediction),
+    (schemas.ImageResultOut, client_models.ImageResult),
+    (schemas.LabelScore, client_models.Label),
+    (schemas.PromptUsed, client_models.PromptInfo),
+    (schemas.TaskAccepted, client_models.TaskSubmission),
+    (schemas.TaskOut, client_models.TaskInfo),
+    (schemas.VersionOut, client_models.VersionInfo),
+    (schemas.ModelsResponse, client_models.ModelsInfo),
+    (schemas.ActivateResponse, client_models.Activation),
+    (schemas.HealthResponse, client_models.Health),
+    (schemas.InfoResponse, client_models.Info),
+]
+
+
+@pytest.mark.parametrize(("server_model", "client_model"), PAIRS, ids=[s.__name__ for s, _ in PAIRS])
+def test_client_models_type_every_documented_field(server_model, client_model):
+    missing = set(server_model.model_fields) - set(client_model.model_fields)
+    assert not missing, f"{client_model.__name__} lacks {sorted(missing)} of {server_model.__name__}"
