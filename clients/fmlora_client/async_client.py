@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import IO, Any
 
@@ -50,6 +50,17 @@ def _first_error(group: BaseException) -> BaseException:
     if not inner:
         return group
     return _first_error(inner[0])
+
+
+async def _batches_off_loop(images: Any, batch_size: int, max_batch_bytes: int) -> AsyncIterator[list[EncodedImage]]:
+    """``iter_batches`` with each batch read and encoded in a worker thread: opening files and encoding
+    PIL images or arrays never blocks the event loop."""
+    batches = iter_batches(images, batch_size, max_batch_bytes)
+    while True:
+        batch = await anyio.to_thread.run_sync(next, batches, None)
+        if batch is None:
+            return
+        yield batch
 
 
 class AsyncClient(BaseClient):
@@ -171,11 +182,13 @@ class AsyncClient(BaseClient):
         concurrency = check_positive_int("concurrency", concurrency)
         prompt_value = validate_prompt(prompt)
         version = check_version(version)
-        batches = iter_batches(images, batch_size, max_batch_bytes)
+        batches = _batches_off_loop(images, batch_size, max_batch_bytes)
         chunks: dict[int, tuple[int, Prediction]] = {}
         if concurrency == 1:
-            for index, batch in enumerate(batches):
+            index = 0
+            async for batch in batches:
                 chunks[index] = (len(batch), await self._predict_batch(batch, top_k, prompt_value, version, encoding))
+                index += 1
         else:
             slots = anyio.Semaphore(concurrency)
 
@@ -188,9 +201,13 @@ class AsyncClient(BaseClient):
 
             try:
                 async with anyio.create_task_group() as group:
-                    for index, batch in enumerate(batches):  # encoding stays bounded: a slot before each batch
-                        await slots.acquire()
+                    index = 0
+                    await slots.acquire()  # encoding stays bounded: a slot before each batch is encoded
+                    async for batch in batches:
                         group.start_soon(run, index, batch)
+                        index += 1
+                        await slots.acquire()
+                    slots.release()
             except Exception as exc:  # an exception group: raise the first real error, as a plain call would
                 raise _first_error(exc) from None
         if not chunks:
@@ -213,8 +230,13 @@ class AsyncClient(BaseClient):
         if kind not in ("class", "domain"):
             raise InvalidInputError(f"kind must be 'class' or 'domain', got {kind!r}")
         key = idempotency_key or new_idempotency_key()
-        with open_upload(path) as upload:
+        # Zipping a folder reads every file: do it (and the clean-up) in a worker thread, not on the loop.
+        upload_context = open_upload(path)
+        upload = await anyio.to_thread.run_sync(upload_context.__enter__)
+        try:
             response = await self._send(submit_spec(upload, name=name, kind=kind, idempotency_key=key))
+        finally:
+            await anyio.to_thread.run_sync(upload_context.__exit__, None, None, None)
         return parse_submission(response, self._parse(response, TaskSubmission))
 
     async def get_task(self, task_id: str) -> TaskInfo:

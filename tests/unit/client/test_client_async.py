@@ -199,3 +199,45 @@ def test_injected_async_http_client_is_not_closed():
         await http.aclose()
 
     run(go())
+
+
+def _on_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_reading_encoding_and_zipping_stay_off_the_event_loop(make_async_client, server, monkeypatch, tmp_path):
+    """Opening files, encoding images and zipping a task folder are blocking work: a worker thread does it."""
+    from fmlora_client import _archive, _images
+
+    seen: dict[str, list[bool]] = {"encode": [], "zip": []}
+    real_encode, real_zip = _images.encode_image, _archive.zip_folder
+
+    def encode(image, index):
+        seen["encode"].append(_on_loop())
+        return real_encode(image, index)
+
+    def zip_folder(folder, out):
+        seen["zip"].append(_on_loop())
+        return real_zip(folder, out)
+
+    monkeypatch.setattr(_images, "encode_image", encode)
+    monkeypatch.setattr(_archive, "zip_folder", zip_folder)
+    server.on("POST", "/predict", lambda request: httpx.Response(200, json=prediction_body(2)))
+    server.on("POST", "/tasks", httpx.Response(202, json={"id": "t1", "status": "queued", "url": "/tasks/t1"}))
+    for cls in ("a", "b"):
+        (tmp_path / "task" / cls).mkdir(parents=True)
+        (tmp_path / "task" / cls / "1.png").write_bytes(b"png")
+
+    async def go():
+        async with make_async_client(admin_key="k") as client:
+            prediction = await client.predict([b"a", b"b", b"c", b"d"], batch_size=2, concurrency=2)
+            submission = await client.submit_task(tmp_path / "task", name="t")
+            return prediction, submission
+
+    prediction, submission = run(go())
+    assert len(prediction.results) == 4 and submission.id == "t1"
+    assert seen == {"encode": [False] * 4, "zip": [False]}
