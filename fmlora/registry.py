@@ -335,7 +335,14 @@ class Registry:
                 return None
             return _version(conn.execute("SELECT * FROM versions WHERE version = ?", (live,)).fetchone())
 
+    @staticmethod
+    def _check_number(version: int) -> None:
+        # SQLite integers are 64-bit: a larger number cannot exist, and must not become an overflow.
+        if not 0 < version < 2**63:
+            raise VersionNotFoundError(f"version {version} does not exist")
+
     def get_version(self, version: int) -> VersionInfo:
+        self._check_number(version)
         with self._read() as conn:
             row = conn.execute("SELECT * FROM versions WHERE version = ?", (version,)).fetchone()
         if row is None:
@@ -365,6 +372,7 @@ class Registry:
 
     def activate(self, version: int) -> VersionInfo:
         """Make a published version live (rollback or roll forward)."""
+        self._check_number(version)
         with self._write() as conn:
             row = conn.execute("SELECT * FROM versions WHERE version = ?", (version,)).fetchone()
             if row is None:

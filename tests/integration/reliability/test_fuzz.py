@@ -126,10 +126,5 @@ def test_schemathesis_covered_every_operation(fuzz):
     assert set(anon["GET /healthz"]) == {"200"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known server bug: version numbers >= 2**63 overflow SQLite's INTEGER and answer 500 "
-    "(GET /models/{v}, POST /models/{v}/activate, POST /predict with version); bound them to 2**63-1",
-)
 def test_huge_version_numbers_answer_4xx(fuzz):
     assert [e for e in _server_errors(fuzz) if _mentions_huge_version(e)] == []

@@ -74,8 +74,11 @@ def test_publish_activate_and_state_transitions(registry: Registry, tiny_model: 
     assert [v.state for v in registry.list_versions()] == ["retired", "live", "rejected"]
     with pytest.raises(VersionStateError, match="rejected"):
         registry.activate(3)
-    with pytest.raises(VersionNotFoundError):
-        registry.activate(9)
+    for missing in (9, 0, -1, 2**63, 2**70):
+        with pytest.raises(VersionNotFoundError):
+            registry.activate(missing)
+        with pytest.raises(VersionNotFoundError):
+            registry.get_version(missing)
     assert registry.activate(1).state == "live"
     assert registry.live_version() == 1
     assert [v.state for v in registry.list_versions()] == ["live", "retired", "rejected"]
