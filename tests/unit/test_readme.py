@@ -15,5 +15,6 @@ def test_ci_runs_the_readme_test_command_and_install():
     install, test = blocks[0].strip(), blocks[1].strip()
     ci = (ROOT / ".ci" / "run").read_text()
     assert test in ci.splitlines()
-    assert "pip install -q -e '.[dev]'" in ci and ".[dev]" in install
-    assert install.endswith("fmlora bench --out runs/bench")
+    assert "pip install -q -e '.[dev]' -e './clients[cli]'" in ci
+    assert "-e '.[dev]' -e './clients[cli]'" in install
+    assert install.endswith("fmlora demo")
