@@ -171,7 +171,9 @@ def _zip_members(archive: zipfile.ZipFile, budget: _Budget) -> Iterator[tuple[tu
             with archive.open(info) as stream:
                 data = budget.read(stream, info.filename)
         except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-            raise ArchiveFormatError(f"archive member {info.filename!r} cannot be read: {exc}") from exc
+            raise ArchiveFormatError(
+                f"archive member {info.filename!r} cannot be read (damaged, or an unsupported compression method)"
+            ) from exc
         yield parts, data
 
 
@@ -204,7 +206,7 @@ def _open_members(path: Path, budget: _Budget) -> Iterator[tuple[tuple[str, ...]
                     raise UnsafeArchiveError("the archive holds the same path twice")
                 yield from _zip_members(archive, budget)
         except zipfile.BadZipFile as exc:
-            raise ArchiveFormatError(f"the zip archive is damaged: {exc}") from exc
+            raise ArchiveFormatError("the zip archive is damaged; re-create it") from exc
         return
     try:
         archive = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed in the finally below
@@ -213,7 +215,7 @@ def _open_members(path: Path, budget: _Budget) -> Iterator[tuple[tuple[str, ...]
     try:
         yield from _tar_members(archive, budget)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ArchiveFormatError(f"the tar archive is damaged: {exc}") from exc
+        raise ArchiveFormatError("the tar archive is damaged or truncated; re-create it") from exc
     finally:
         archive.close()
 
@@ -234,7 +236,7 @@ def _decode(data: bytes, name: str, max_pixels: int) -> str:
     except UnidentifiedImageError as exc:
         raise InvalidImageError(f"{name!r} is not an image Pillow can read") from exc
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InvalidImageError(f"{name!r} cannot be decoded ({exc}); it may be truncated or corrupt") from exc
+        raise InvalidImageError(f"{name!r} cannot be decoded: it may be truncated or corrupt") from exc
     return _FORMAT_SUFFIX.get(fmt, ".img")
 
 
@@ -413,7 +415,7 @@ def submit_task(
         shutil.rmtree(target, ignore_errors=True)
         # A concurrent submission took the name or key between our check and our insert.
         again = registry.find_task(idempotency_key=idempotency_key) if idempotency_key else None
-        if again is not None and again.name == name:
+        if again is not None and again.name == name and again.kind == kind:
             return again
         if "UNIQUE" in str(exc):
             raise TaskConflictError(

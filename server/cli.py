@@ -10,6 +10,7 @@ Shutdown (Ctrl-C or SIGTERM): uvicorn stops accepting connections and lets in-fl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -192,7 +193,8 @@ def serve(
             key_note = f"{key}  ({'generated, ' if created else ''}stored in {where}, mode 0600)"
         else:
             secret = settings.admin_key.get_secret_value()
-            key_note = f"{secret[:4]}{'*' * 8}  (from FMLORA_ADMIN_KEY)"
+            fingerprint = hashlib.sha256(secret.encode()).hexdigest()[:12]
+            key_note = f"from FMLORA_ADMIN_KEY (sha256 {fingerprint}…; the key itself is never printed)"
         registry = open_registry(settings)
         sock = _bind(settings.host, settings.port)
     except (FmloraError, OSError, ValueError) as exc:
