@@ -166,22 +166,32 @@ EOF
 say "machine recorded ($(wc -l <"$OUT/env.txt") lines in env.txt)"
 
 # --- a venv: the image's packages underneath, the carried wheels and this checkout on top ---------
+# `venv --without-pip` needs no ensurepip; the image's own pip installs the wheels (--target). A venv
+# made from a venv's python does not see that venv's packages (torch): a .pth adds them after the new
+# venv's own, so carried wheels take precedence. Without a venv module: a plain folder on PYTHONPATH.
 VENV="$WORK/venv"
 PARENT_SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
-python3 -m venv "$VENV" || { say "venv creation failed"; exit 1; }
-VSITE=$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
-# A venv made from a venv's python does not see that venv's packages (torch): a .pth adds them after
-# the new venv's own, so carried wheels take precedence.
-echo "$PARENT_SITE" >"$VSITE/_image_site.pth"
-PY="$VENV/bin/python"
+if python3 -m venv --without-pip "$VENV" 2>/dev/null; then
+    PY="$VENV/bin/python"
+    VSITE=$("$PY" -c 'import site; print(site.getsitepackages()[0])')
+    echo "$PARENT_SITE" >"$VSITE/_image_site.pth"
+    export PYTHONPATH="$REPO:$REPO/clients"
+else
+    say "no venv module: carried wheels go to a folder on PYTHONPATH"
+    PY=python3
+    VSITE="$WORK/site"
+    mkdir -p "$VSITE"
+    export PYTHONPATH="$REPO:$REPO/clients:$VSITE"
+fi
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl || say "WARNING: carried wheels failed to install"
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$VSITE" "$WHEELS"/*.whl ||
+        say "WARNING: carried wheels failed to install"
 else
     say "WARNING: no carried wheels in .whl/ (run 'bash benchmarks/gpu.sh --prepare' here first)"
 fi
 # This checkout on the path, and its entry points (the `fmlora serve` plugin) registered, without a
 # build backend (the image's setuptools may be too old for pyproject.toml): a .pth and dist-info stubs.
-"$PY" - "$REPO" "$VSITE" <<'PYEOF' || say "WARNING: registering the checkout failed"
+python3 - "$REPO" "$VSITE" <<'PYEOF' || say "WARNING: registering the checkout failed"
 import sys, tomllib
 from pathlib import Path
 repo, site = Path(sys.argv[1]), Path(sys.argv[2])
