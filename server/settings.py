@@ -56,7 +56,13 @@ class Settings(BaseSettings):
     )
     backend: Literal["torch", "onnx"] = Field("torch", description="Inference backend (onnx: CPU only).")
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most images in one forward pass.")
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill up.")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=10_000,
+        description="How long a batch may wait to fill up; 0 = greedy: a batch starts as soon as the inference "
+        "thread is free, and requests arriving meanwhile form the next one.",
+    )
     max_queue: int = Field(256, ge=1, description="Images waiting for the model; beyond it requests get 429.")
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (decode, queue, inference).")
     cached_versions: int = Field(4, ge=1, description="Versions kept in memory for pinning and instant rollback.")

@@ -9,7 +9,7 @@ import json
 from base64 import b64decode
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -175,7 +175,7 @@ def _plain(value: Any) -> Any:
         504: _e("The request did not complete within FMLORA_REQUEST_TIMEOUT_S."),
     },
 )
-async def predict(request: Request) -> PredictResponse:
+async def predict(request: Request) -> Response:
     """Classify one or more images. One result per image, in order; every result of one response
     comes from the same version (``model_version``)."""
     state = get_state(request)
@@ -204,4 +204,7 @@ async def predict(request: Request) -> PredictResponse:
             f"the request did not complete within {settings.request_timeout_s:g} s; retry later or send fewer images"
         ) from None
     state.metrics.images.inc(len(blobs))
-    return PredictResponse.model_validate(_plain(prediction))
+    # Validated once here and serialised once: returning the model would make FastAPI validate and
+    # serialise it a second time through response_model (which stays for the OpenAPI schema).
+    body = PredictResponse.model_validate(_plain(prediction)).model_dump_json()
+    return Response(content=body, media_type="application/json")
