@@ -40,7 +40,7 @@ from .errors import (
 )
 from .registry import Registry, TaskInfo
 
-__all__ = ["IntakeLimits", "StoredTask", "read_task_files", "submit_task", "validate_archive"]
+__all__ = ["IntakeLimits", "StoredTask", "Submission", "read_task_files", "submit", "submit_task", "validate_archive"]
 
 # OS clutter that archivers add; skipped rather than refused, since users cannot easily avoid it.
 _IGNORED_PARTS = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -321,6 +321,12 @@ def _spool(archive: Path | BinaryIO, directory: Path, limit: int) -> Path:
     return Path(name)
 
 
+@dataclass(frozen=True)
+class Submission:
+    task: TaskInfo
+    replayed: bool  # True when an idempotency key matched a task stored earlier: nothing new was stored
+
+
 def submit_task(
     registry: Registry,
     archive: Path | str | BinaryIO,
@@ -334,6 +340,20 @@ def submit_task(
 
     A repeated ``idempotency_key`` returns the task stored the first time instead of a second task.
     """
+    return submit(registry, archive, name=name, kind=kind, idempotency_key=idempotency_key, limits=limits).task
+
+
+def submit(
+    registry: Registry,
+    archive: Path | str | BinaryIO,
+    *,
+    name: str,
+    kind: Literal["class", "domain"] | str,
+    idempotency_key: str | None = None,
+    limits: IntakeLimits | None = None,
+) -> Submission:
+    """``submit_task`` that also says whether the task was stored now or replayed from an earlier call
+    with the same idempotency key (also when two such calls race: exactly one stores)."""
     limits = limits or IntakeLimits()
     if kind not in ("class", "domain"):
         raise IntakeError(f"kind must be 'class' or 'domain', got {kind!r}")
@@ -347,7 +367,7 @@ def submit_task(
                 raise TaskConflictError(
                     f"idempotency key already used for task {existing.name!r} ({existing.kind}); use a new key"
                 )
-            return existing
+            return Submission(existing, replayed=True)
     taken = registry.find_task(name=name)
     if taken is not None:
         raise TaskConflictError(f"a task named {name!r} already exists ({taken.status}); choose another name")
@@ -402,7 +422,7 @@ def submit_task(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
-        return registry.insert_task(
+        stored = registry.insert_task(
             task_id=task_id,
             name=name,
             kind=kind,
@@ -416,12 +436,13 @@ def submit_task(
         # A concurrent submission took the name or key between our check and our insert.
         again = registry.find_task(idempotency_key=idempotency_key) if idempotency_key else None
         if again is not None and again.name == name and again.kind == kind:
-            return again
+            return Submission(again, replayed=True)
         if "UNIQUE" in str(exc):
             raise TaskConflictError(
                 f"a task named {name!r} was submitted at the same time; choose another name"
             ) from exc
         raise
+    return Submission(stored, replayed=False)
 
 
 def read_task_files(registry: Registry, task_id: str) -> StoredTask:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from fmlora.intake import IntakeLimits, submit_task
+from fmlora.intake import IntakeLimits, submit
 
 from ..auth import require_admin, require_api_key
 from ..errors import ApiError
@@ -134,9 +134,6 @@ async def create_task(
             raise ApiError(
                 413, "archive_too_large", f"the archive is larger than the limit of {settings.max_archive_bytes} bytes"
             )
-        existing = None
-        if idempotency_key is not None:
-            existing = await run_in_threadpool(registry.find_task, idempotency_key=idempotency_key)
         limits = IntakeLimits(
             max_archive_bytes=settings.max_archive_bytes,
             max_files=settings.max_archive_files,
@@ -144,8 +141,8 @@ async def create_task(
             max_image_pixels=settings.max_image_pixels,
         )
         await archive.seek(0)
-        task = await run_in_threadpool(
-            submit_task,
+        submission = await run_in_threadpool(
+            submit,
             registry,
             archive.file,
             name=parsed.name,
@@ -155,7 +152,7 @@ async def create_task(
         )
     finally:
         await form.close()
-    replayed = existing is not None and existing.id == task.id
+    task, replayed = submission.task, submission.replayed
     if not replayed:
         state.metrics.tasks_submitted.inc()
         log.info("task %s (%s) queued as %s", task.name, task.kind, task.id)

@@ -325,3 +325,27 @@ def test_names_are_unique_and_idempotency_key_returns_the_same_task(registry: Re
     with pytest.raises(ClassLayoutError, match="task name"):
         submit_task(registry, archive, name="../x", kind="class")
     assert len(registry.list_tasks()) == 1 and len(os.listdir(registry.tasks_dir)) == 1
+
+
+def test_submit_says_whether_it_stored_or_replayed_even_when_racing(registry: Registry, tmp_path: Path) -> None:
+    from fmlora.intake import submit
+
+    archive = make_zip(tmp_path / "a.zip", good_members())
+    first = submit(registry, archive, name="pets", kind="class", idempotency_key="k")
+    again = submit(registry, archive, name="pets", kind="class", idempotency_key="k")
+    assert (first.replayed, again.replayed) == (False, True) and again.task.id == first.task.id
+
+    # A racing twin: its first look finds nothing, so it validates and stores, and its insert collides.
+    real_find = registry.find_task
+    calls = []
+
+    def blind_at_first(**kw: str) -> object:
+        calls.append(kw)
+        return None if len(calls) <= 2 else real_find(**kw)  # the key look-up and the name look-up miss
+
+    registry.find_task = blind_at_first  # type: ignore[method-assign]
+    registry.known_classes = dict  # type: ignore[method-assign]  # the twin's classes were not yet stored
+    raced = submit(registry, archive, name="pets", kind="class", idempotency_key="k")
+    assert raced.replayed and raced.task.id == first.task.id
+    assert len(calls) == 3  # it got as far as the insert and recovered from the collision
+    assert len(registry.list_tasks()) == 1 and len(os.listdir(registry.tasks_dir)) == 1
