@@ -387,24 +387,11 @@ def learn_quickly(model: Any, name: str, classes: Sequence[str], seed: int = 0, 
 
 def publish_version(registry: Any, model: Any, task_name: str, card: Mapping[str, Any] | None = None) -> int:
     """Save ``model``'s adapter as the registry's next version and make it live (as the worker does)."""
-    from fmlora.snapshot import save_snapshot
+    from fmlora.snapshot import publish_version as publish
 
-    version = registry.next_version()
     names = [t.name for t in model.tasks]
-    parent = registry.live_version()
     card = dict(card) if card is not None else {"task": task_name, "tasks": names, "benchmark": True}
-    manifest = save_snapshot(model, registry.snapshot_dir(version), version=version, parent_version=parent, card=card)
-    registry.record_version(
-        version=version,
-        parent=parent,
-        sha256=manifest.tensors_sha256,
-        tasks=names,
-        card=card,
-        adapter_bytes=manifest.adapter_bytes,
-        task_id=None,
-        accepted=True,
-    )
-    return version
+    return publish(registry, model, card=card, parent=registry.live_version()).version
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .learner import Learner, TrainingProgress, evaluate
 from .metrics import AccuracyMatrix
 from .model import FMLoRAModel
 from .registry import WORKER_LEASE, Registry, TaskInfo, VersionInfo
-from .snapshot import load_snapshot, read_snapshot, save_snapshot
+from .snapshot import load_snapshot, publish_version
 
 __all__ = ["GateConfig", "Worker", "WorkerConfig"]
 
@@ -312,31 +312,17 @@ class Worker:
         accepted = bool(card["gate"]["passed"])
         # Renew first: the snapshot must be recorded well within the lease it is written under.
         self.registry.renew_lease(WORKER_LEASE, self.id, self.config.lease_ttl_s)
-        version = self.registry.next_version()
-        directory = self.registry.snapshot_dir(version)
-        self._stage("publishing", version=version)
-        parent_version = None if parent is None else parent.version
-        manifest = save_snapshot(model, directory, version=version, parent_version=parent_version, card=card)
-        try:
-            self._stage("written", version=version)
-            verified = read_snapshot(directory)  # exactly what a server will read
-            if verified.manifest.tensors_sha256 != manifest.tensors_sha256:
-                raise DataError(f"snapshot v{version} changed between writing and verifying")
-            self.registry.record_version(
-                version=version,
-                parent=parent_version,
-                sha256=manifest.tensors_sha256,
-                tasks=[t.name for t in model.tasks],
-                card=card,
-                adapter_bytes=manifest.adapter_bytes,
-                task_id=task.id,
-                accepted=accepted,
-                lease_owner=self.id,
-            )
-        except BaseException:
-            # Unrecorded, so nobody serves it; remove it now rather than leave it to recover().
-            self.registry.remove_snapshot_dir(directory)
-            raise
+        published = publish_version(
+            self.registry,
+            model,
+            card=card,
+            parent=None if parent is None else parent.version,
+            task_id=task.id,
+            accepted=accepted,
+            lease_owner=self.id,
+            hook=lambda stage, version: self._stage(stage, version=version),
+        )
+        version = published.version
         self._stage("published", version=version, accepted=accepted)
         if accepted:
             log.info("task %s published as live version %d", task.name, version)

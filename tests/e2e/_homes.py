@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from fmlora import BackboneConfig, FMLoRAModel, ModelConfig
 from fmlora.registry import Registry
-from fmlora.snapshot import save_snapshot
+from fmlora.snapshot import publish_version
 from tests.conftest import TINY_KWARGS, TINY_RANDOM, tiny_config
 from tests.helpers import learn_quickly
 
@@ -31,7 +31,6 @@ def tiny_file_config(directory: Path) -> ModelConfig:
 
 def publish_tiny_version(registry: Registry, model: FMLoRAModel, task_name: str) -> int:
     """Save ``model``'s adapter as the next version and make it live (what the worker does)."""
-    version = registry.next_version()
     names = [t.name for t in model.tasks]
     card = {
         "task": task_name,
@@ -41,20 +40,7 @@ def publish_tiny_version(registry: Registry, model: FMLoRAModel, task_name: str)
         "average_incremental_accuracy": 0.8,
         "forgetting": 0.02,
     }
-    manifest = save_snapshot(
-        model, registry.snapshot_dir(version), version=version, parent_version=registry.live_version(), card=card
-    )
-    registry.record_version(
-        version=version,
-        parent=registry.live_version(),
-        sha256=manifest.tensors_sha256,
-        tasks=names,
-        card=card,
-        adapter_bytes=manifest.adapter_bytes,
-        task_id=None,
-        accepted=True,
-    )
-    return version
+    return publish_version(registry, model, card=card, parent=registry.live_version()).version
 
 
 def tiny_home(home: Path, tasks: dict[str, list[str]] | None = None) -> tuple[Registry, FMLoRAModel]:

@@ -18,7 +18,7 @@ from fmlora.errors import (
     VersionStateError,
 )
 from fmlora.registry import MIGRATIONS, WORKER_LEASE, Registry
-from fmlora.snapshot import save_snapshot
+from fmlora.snapshot import publish_version, save_snapshot
 from tests.conftest import tiny_config
 from tests.helpers import learn_quickly
 
@@ -30,19 +30,8 @@ def registry(tmp_path: Path) -> Registry:
 
 def publish(registry: Registry, model: FMLoRAModel, task: str, accepted: bool = True) -> int:
     learn_quickly(model, task, [f"{task}-a", f"{task}-b"], seed=len(model.tasks))
-    version = registry.next_version()
-    manifest = save_snapshot(model, registry.snapshot_dir(version), version=version)
-    registry.record_version(
-        version=version,
-        parent=registry.live_version(),
-        sha256=manifest.tensors_sha256,
-        tasks=[t.name for t in model.tasks],
-        card={"accuracy": {task: 0.5}, "gate": {"reasons": [] if accepted else ["too low"]}},
-        adapter_bytes=manifest.adapter_bytes,
-        task_id=None,
-        accepted=accepted,
-    )
-    return version
+    card = {"accuracy": {task: 0.5}, "gate": {"reasons": [] if accepted else ["too low"]}}
+    return publish_version(registry, model, card=card, parent=registry.live_version(), accepted=accepted).version
 
 
 def test_layout_wal_and_schema(registry: Registry) -> None:
