@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import AdapterConfig, BackboneConfig, ModelConfig, PromptConfig, TrainConfig
+from .config import AdapterConfig, BackboneConfig, ModelConfig, PromptConfig, TrainConfig, override_backbone
 from .data import TaskData, concat_sources
 from .errors import ConfigError, DataError
 from .learner import Learner, evaluate
@@ -156,23 +156,6 @@ class BenchSpec:
     backbone_weights: str | None = None
     data_root: Path | None = None
     device: str = "cpu"
-
-
-def override_backbone(base: BackboneConfig, name: str | None, weights: str | None) -> BackboneConfig:
-    """Change the model and/or its weights, keeping what still applies (e.g. the paper protocol's
-    unnormalised pixels). ``weights``: 'pretrained', 'random' or a local file."""
-    update: dict[str, Any] = {}
-    if name is not None and name != base.name:
-        update["name"] = name
-        if base.input_norm == "per-image":  # the glyph ViT's architecture and input norm are its own
-            update.update(model_kwargs={}, input_norm="timm")
-        if weights is None:
-            update.update(weights="pretrained", weights_path=None)
-    if weights in ("pretrained", "random"):
-        update.update(weights=weights, weights_path=None)
-    elif weights is not None:
-        update.update(weights="file", weights_path=Path(weights))
-    return base.model_copy(update=update) if update else base
 
 
 def _model_config(bench: Benchmark, backbone: BackboneConfig) -> ModelConfig:

@@ -116,17 +116,12 @@ def pretrain(
 
 
 def _home_registry(home: Path, backbone: str | None, backbone_weights: str | None) -> Registry:
-    from .config import BackboneConfig, ModelConfig
+    from .config import BackboneConfig, ModelConfig, override_backbone
     from .registry import Registry
 
     config = None
     if backbone is not None:
-        weights: dict[str, object] = {"weights": "pretrained"}
-        if backbone_weights in ("pretrained", "random"):
-            weights = {"weights": backbone_weights}
-        elif backbone_weights:
-            weights = {"weights": "file", "weights_path": Path(backbone_weights)}
-        config = ModelConfig(backbone=BackboneConfig(name=backbone, **weights))
+        config = ModelConfig(backbone=override_backbone(BackboneConfig(name=backbone), None, backbone_weights or None))
     return Registry.open(home, config)
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "PromptConfig",
     "RankSelectorConfig",
     "TrainConfig",
+    "override_backbone",
     "parse_config",
 ]
 
@@ -91,6 +92,23 @@ class BackboneConfig(_Frozen):
 
 
 QKV_PARTS = ("q", "k", "v")
+
+
+def override_backbone(base: BackboneConfig, name: str | None, weights: str | None) -> BackboneConfig:
+    """Change the model and/or its weights, keeping what still applies (e.g. the paper protocol's
+    unnormalised pixels). ``weights``: 'pretrained', 'random' or a local file."""
+    update: dict[str, Any] = {}
+    if name is not None and name != base.name:
+        update["name"] = name
+        if base.input_norm == "per-image":  # the glyph ViT's architecture and input norm are its own
+            update.update(model_kwargs={}, input_norm="timm")
+        if weights is None:
+            update.update(weights="pretrained", weights_path=None)
+    if weights in ("pretrained", "random"):
+        update.update(weights=weights, weights_path=None)
+    elif weights is not None:
+        update.update(weights="file", weights_path=Path(weights))
+    return base.model_copy(update=update) if update else base
 
 
 class AdapterConfig(_Frozen):

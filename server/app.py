@@ -15,7 +15,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -24,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fmlora._version import __version__
-from fmlora.config import BackboneConfig, ModelConfig
+from fmlora.config import BackboneConfig, ModelConfig, override_backbone
 from fmlora.registry import Registry, VersionInfo
 
 from .errors import ApiError, RequestContextMiddleware, error_response, install_error_handlers, request_id_of
@@ -206,12 +205,8 @@ def model_config_for(settings: Settings) -> ModelConfig | None:
         return ModelConfig.model_validate_json(settings.model_config_file.read_bytes())
     if settings.backbone is None:
         return None
-    weights: dict[str, Any] = {"weights": "pretrained"}
-    if settings.backbone_weights in ("pretrained", "random"):
-        weights = {"weights": settings.backbone_weights}
-    elif settings.backbone_weights:
-        weights = {"weights": "file", "weights_path": Path(settings.backbone_weights)}
-    return ModelConfig(backbone=BackboneConfig(name=settings.backbone, **weights))
+    backbone = override_backbone(BackboneConfig(name=settings.backbone), None, settings.backbone_weights or None)
+    return ModelConfig(backbone=backbone)
 
 
 def open_registry(settings: Settings) -> Registry:
