@@ -170,6 +170,7 @@ def _zip_members(archive: zipfile.ZipFile, budget: _Budget) -> Iterator[tuple[tu
         try:
             with archive.open(info) as stream:
                 data = budget.read(stream, info.filename)
+        # zipfile raises NotImplementedError for compression methods it cannot decode (e.g. deflate64).
         except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
             raise ArchiveFormatError(
                 f"archive member {info.filename!r} cannot be read (damaged, or an unsupported compression method)"

@@ -119,9 +119,9 @@ def as_rgb_array(image: Any) -> np.ndarray:
 
 
 def resize_for_model(image: np.ndarray | Image.Image, size: tuple[int, int], crop_pct: float = 1.0) -> np.ndarray:
-    """``fmlora.data.resize_center_crop``: the resize/crop training uses, so serving sees the same pixels."""
-    if not 0 < crop_pct <= 1:
-        raise ValueError("crop_pct must be in (0, 1]")
+    """``fmlora.data.resize_center_crop``: the resize/crop training uses, so serving sees the same pixels.
+
+    Raises ``DataError`` (a ``ValueError``) for a ``crop_pct`` outside (0, 1]."""
     return resize_center_crop(image, size, crop_pct)
 
 

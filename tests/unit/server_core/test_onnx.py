@@ -9,9 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
-
 from fmlora.errors import UnknownTaskError
 from fmlora.export import adapter_feeds, prompt_indices
 from server.onnx_engine import OnnxBackend
