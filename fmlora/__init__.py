@@ -56,7 +56,15 @@ from .pretrain import pretrain_backbone
 from .prompts import PromptBank, PromptChoice
 from .rank_selector import RankSelector, task_complexity, task_novelty
 from .registry import Registry, TaskInfo, VersionInfo
-from .snapshot import Snapshot, SnapshotManifest, check_compatible, load_snapshot, read_snapshot, save_snapshot
+from .snapshot import (
+    Snapshot,
+    SnapshotManifest,
+    check_compatible,
+    load_snapshot,
+    publish_version,
+    read_snapshot,
+    save_snapshot,
+)
 from .strategies import STRATEGIES, apply_strategy
 from .synthetic import make_synthetic_stream
 from .worker import GateConfig, Worker, WorkerConfig
@@ -148,6 +156,7 @@ __all__ = [
     "parse_config",
     "pretrain_backbone",
     "pretraining_characters",
+    "publish_version",
     "read_snapshot",
     "run_benchmark",
     "save_snapshot",
