@@ -323,7 +323,7 @@ def backbone_config(name: str, weights_dir: str | Path | None = None, *, weights
     server, a worker) builds the same backbone and snapshots stay compatible; ``weights="pretrained"``
     uses timm's pretrained weights (from the local cache when HF_HUB_OFFLINE is set).
     """
-    from fmlora import BackboneConfig
+    from fmlora.model import BackboneConfig
 
     if name == "offline":
         return BackboneConfig.offline()
@@ -352,7 +352,7 @@ def backbone_config(name: str, weights_dir: str | Path | None = None, *, weights
 def model_config(name: str, weights_dir: str | Path | None = None, *, weights: str = "random") -> Any:
     """ModelConfig for ``name`` (see ``backbone_config``); default adapter and prompt settings, except
     the tiny ViT, which uses the tests' small adapter and prompt bank."""
-    from fmlora import AdapterConfig, ModelConfig, PromptConfig
+    from fmlora.model import AdapterConfig, ModelConfig, PromptConfig
 
     if name == "offline":
         return ModelConfig()
@@ -387,7 +387,7 @@ def learn_quickly(model: Any, name: str, classes: Sequence[str], seed: int = 0, 
 
 def publish_version(registry: Any, model: Any, task_name: str, card: Mapping[str, Any] | None = None) -> int:
     """Save ``model``'s adapter as the registry's next version and make it live (as the worker does)."""
-    from fmlora.snapshot import publish_version as publish
+    from fmlora.registry.publish import publish_version as publish
 
     names = [t.name for t in model.tasks]
     card = dict(card) if card is not None else {"task": task_name, "tasks": names, "benchmark": True}
@@ -431,8 +431,8 @@ def make_home(
     each published as a live version in turn (version ``tasks`` is live at the end)."""
     import torch
 
-    from fmlora import FMLoRAModel
-    from fmlora.registry import Registry
+    from fmlora.model import FMLoRAModel
+    from fmlora.registry.registry import Registry
 
     config = model_config(
         backbone, weights_dir if weights_dir is not None else Path(home).parent / "weights", weights=weights

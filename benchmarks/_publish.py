@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fmlora import FMLoRAModel
-from fmlora.registry import Registry
-from fmlora.snapshot import CONFIG_FILE, TENSOR_FILE, save_snapshot, sha256_file
+from fmlora.model import FMLoRAModel
+from fmlora.model.snapshot import CONFIG_FILE, TENSOR_FILE, save_snapshot, sha256_file
+from fmlora.registry.registry import Registry
 
 __all__ = ["BAD_KINDS", "Published", "Publisher"]
 

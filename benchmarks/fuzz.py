@@ -564,7 +564,7 @@ def run_fuzz(cfg: FuzzConfig) -> dict[str, Any]:
         return _fuzz(cfg, out, cfg.url, cfg.key or "", None, mutations)
     from benchmarks._common import ServerProcess, model_config
     from benchmarks._publish import Publisher
-    from fmlora.registry import Registry
+    from fmlora.registry.registry import Registry
 
     work = Path(tempfile.mkdtemp(prefix="fmlora-fuzz-"))
     try:

@@ -150,8 +150,8 @@ class ModelRunner:
     def __init__(self, bench: BenchHome, batches: Sequence[int], device: Any, dtype: Any) -> None:
         import torch
 
-        from fmlora import FMLoRAModel
-        from fmlora.snapshot import load_snapshot
+        from fmlora.model import FMLoRAModel
+        from fmlora.model.snapshot import load_snapshot
 
         model = FMLoRAModel(bench.config)
         load_snapshot(model, bench.registry.snapshot_dir(bench.registry.live_version()))

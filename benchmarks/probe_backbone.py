@@ -13,10 +13,10 @@ import json
 import time
 from pathlib import Path
 
-from fmlora import BackboneConfig
-from fmlora.data import ImageSet
-from fmlora.glyphs import make_glyph_stream
-from fmlora.pretrain import linear_probe
+from fmlora.data.glyphs import make_glyph_stream
+from fmlora.data.images import ImageSet
+from fmlora.model import BackboneConfig
+from fmlora.training.pretrain import linear_probe
 
 
 def main() -> None:

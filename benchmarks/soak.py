@@ -173,7 +173,7 @@ def run_harness(params: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from benchmarks._publish import Publisher
-    from fmlora.registry import Registry
+    from fmlora.registry.registry import Registry
     from server.engine import Engine, EngineConfig
 
     cfg = SoakConfig(
@@ -267,7 +267,7 @@ def run_server_soak(cfg: SoakConfig, work: Path) -> dict[str, Any]:
     from benchmarks._common import ServerProcess, model_config
     from benchmarks._publish import Publisher
     from benchmarks.swap import Control, LoadGenerator, predict_bodies
-    from fmlora.registry import Registry
+    from fmlora.registry.registry import Registry
 
     registry = Registry.open(work / "home", model_config(cfg.backbone, work / "weights"))
     publisher = Publisher(registry, seed=cfg.seed)

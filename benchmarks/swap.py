@@ -379,7 +379,7 @@ def run_swap(cfg: SwapConfig) -> dict[str, Any]:
 def _run_swap(cfg: SwapConfig, out: Path, work: Path, rng: random.Random) -> dict[str, Any]:
     from benchmarks._common import ServerProcess, model_config
     from benchmarks._publish import BAD_KINDS, Publisher
-    from fmlora.registry import Registry
+    from fmlora.registry.registry import Registry
 
     registry = Registry.open(work / "home", model_config(cfg.backbone, work / "weights"))
     publisher = Publisher(registry, seed=cfg.seed)

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from fmlora import FMLoRAModel, Learner, ModelConfig, TrainConfig, apply_strategy, make_glyph_stream
+from fmlora.data import make_glyph_stream
+from fmlora.model import FMLoRAModel, ModelConfig
+from fmlora.training import Learner, TrainConfig, apply_strategy
 
 CONSTANT = ("adapter.", "prompts.bank", "prompts.keys")
 

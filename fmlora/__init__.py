@@ -1,168 +1,57 @@
-"""fmlora: FM-LoRA continual learning on frozen timm Vision Transformers."""
+"""fmlora: FM-LoRA continual learning on frozen timm Vision Transformers.
+
+The top-level namespace is the small public API that README's "Using the library" uses. Everything
+else lives in the sub-packages, one concept each (see ARCHITECTURE.md):
+
+    fmlora.model     the adapted ViT: F-LoRA layers, rank selector, meta-prompts, head, snapshots
+    fmlora.training  the learner, baseline strategies, metrics, backbone pre-training
+    fmlora.data      image sources, benchmark streams, task archives
+    fmlora.registry  tasks and versions, task intake, publishing
+    fmlora.worker    the training worker
+    fmlora.bench     ``fmlora bench``
+    fmlora.export    ONNX export
+    fmlora.errors    the FmloraError tree
+"""
 
 from ._version import __version__
-from .archive import write_task_archive
-from .backbone import OFFLINE_BACKBONE, Preprocessor, create_backbone, weights_fingerprint
-from .bench import BENCHMARKS, METHODS, BenchSpec, run_benchmark
-from .config import (
+from .data import ImageSet, TaskData, make_glyph_stream, make_synthetic_stream
+from .errors import FmloraError
+from .model import (
     AdapterConfig,
     BackboneConfig,
+    FMLoRAModel,
     ModelConfig,
     PromptConfig,
     RankSelectorConfig,
-    TrainConfig,
-    parse_config,
-)
-from .data import ConcatImages, FileImageSet, ImageSet, ImageSource, TaskData, batches, concat_sources
-from .datasets import PAPER_BENCHMARKS, load_cifar100, load_cub200, load_domainnet, load_imagenet_r
-from .errors import (
-    AdapterStateError,
-    ArchiveFormatError,
-    ArchiveTooLargeError,
-    BackboneError,
-    ClassLayoutError,
-    ConfigError,
-    DataError,
-    FmloraError,
-    InjectionError,
-    IntakeError,
-    InvalidImageError,
-    LeaseError,
-    PromptError,
-    RegistryConfigError,
-    RegistryError,
-    SnapshotCompatibilityError,
-    SnapshotError,
-    SnapshotExistsError,
-    SnapshotFormatError,
-    SnapshotIntegrityError,
-    TaskConflictError,
-    TaskError,
-    TaskNotFoundError,
-    UnknownTaskError,
-    UnsafeArchiveError,
-    VersionNotFoundError,
-    VersionStateError,
-    WeightsNotFoundError,
-)
-from .glyphs import make_glyph_stream, pretraining_characters
-from .head import IncrementalHead
-from .intake import IntakeLimits, submit_task
-from .layers import AdaptedLinear, FLoRAAdapter, inject_adapters
-from .learner import Learner, TaskReport, TrainingProgress, evaluate
-from .metrics import AccuracyMatrix
-from .model import FMLoRAModel, ModelOutput, TaskRecord
-from .pretrain import pretrain_backbone
-from .prompts import PromptBank, PromptChoice
-from .rank_selector import RankSelector, task_complexity, task_novelty
-from .registry import Registry, TaskInfo, VersionInfo
-from .snapshot import (
-    Snapshot,
-    SnapshotManifest,
-    check_compatible,
     load_snapshot,
-    publish_version,
-    read_snapshot,
     save_snapshot,
 )
-from .strategies import STRATEGIES, apply_strategy
-from .synthetic import make_synthetic_stream
+from .registry import Registry, publish_version, submit_task
+from .training import AccuracyMatrix, Learner, TrainConfig
 from .worker import GateConfig, Worker, WorkerConfig
 
 __all__ = [
-    "BENCHMARKS",
-    "METHODS",
-    "OFFLINE_BACKBONE",
-    "PAPER_BENCHMARKS",
-    "STRATEGIES",
     "AccuracyMatrix",
-    "AdaptedLinear",
     "AdapterConfig",
-    "AdapterStateError",
-    "ArchiveFormatError",
-    "ArchiveTooLargeError",
     "BackboneConfig",
-    "BackboneError",
-    "BenchSpec",
-    "ClassLayoutError",
-    "ConcatImages",
-    "ConfigError",
-    "DataError",
-    "FLoRAAdapter",
     "FMLoRAModel",
-    "FileImageSet",
     "FmloraError",
     "GateConfig",
     "ImageSet",
-    "ImageSource",
-    "IncrementalHead",
-    "InjectionError",
-    "IntakeError",
-    "IntakeLimits",
-    "InvalidImageError",
     "Learner",
-    "LeaseError",
     "ModelConfig",
-    "ModelOutput",
-    "Preprocessor",
-    "PromptBank",
-    "PromptChoice",
     "PromptConfig",
-    "PromptError",
-    "RankSelector",
     "RankSelectorConfig",
     "Registry",
-    "RegistryConfigError",
-    "RegistryError",
-    "Snapshot",
-    "SnapshotCompatibilityError",
-    "SnapshotError",
-    "SnapshotExistsError",
-    "SnapshotFormatError",
-    "SnapshotIntegrityError",
-    "SnapshotManifest",
-    "TaskConflictError",
     "TaskData",
-    "TaskError",
-    "TaskInfo",
-    "TaskNotFoundError",
-    "TaskRecord",
-    "TaskReport",
     "TrainConfig",
-    "TrainingProgress",
-    "UnknownTaskError",
-    "UnsafeArchiveError",
-    "VersionInfo",
-    "VersionNotFoundError",
-    "VersionStateError",
-    "WeightsNotFoundError",
     "Worker",
     "WorkerConfig",
     "__version__",
-    "apply_strategy",
-    "batches",
-    "check_compatible",
-    "concat_sources",
-    "create_backbone",
-    "evaluate",
-    "inject_adapters",
-    "load_cifar100",
-    "load_cub200",
-    "load_domainnet",
-    "load_imagenet_r",
     "load_snapshot",
     "make_glyph_stream",
     "make_synthetic_stream",
-    "parse_config",
-    "pretrain_backbone",
-    "pretraining_characters",
     "publish_version",
-    "read_snapshot",
-    "run_benchmark",
     "save_snapshot",
     "submit_task",
-    "task_complexity",
-    "task_novelty",
-    "weights_fingerprint",
-    "write_task_archive",
 ]

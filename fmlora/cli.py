@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from fmlora.bench.runner import BENCHMARKS, METHODS, BenchSpec, run_benchmark, summary_markdown
+from fmlora.model.backbone import OFFLINE_BACKBONE
+
 from ._version import __version__
-from .backbone import OFFLINE_BACKBONE
-from .bench import BENCHMARKS, METHODS, BenchSpec, run_benchmark, summary_markdown
 from .errors import FmloraError
 
 if TYPE_CHECKING:
-    from .registry import Registry
+    from fmlora.registry.registry import Registry
 
 app = typer.Typer(help="fmlora: continually learning image classifiers (FM-LoRA on timm ViTs).", no_args_is_help=True)
 
@@ -83,8 +84,8 @@ def pretrain(
 
     import torch
 
-    from .glyphs import GlyphSampler, pretraining_characters, render_pretraining_set
-    from .pretrain import pretrain_backbone
+    from fmlora.data.glyphs import GlyphSampler, pretraining_characters, render_pretraining_set
+    from fmlora.training.pretrain import pretrain_backbone
 
     try:
         characters = pretraining_characters(classes)
@@ -116,8 +117,8 @@ def pretrain(
 
 
 def _home_registry(home: Path, backbone: str | None, backbone_weights: str | None) -> Registry:
-    from .config import BackboneConfig, ModelConfig, override_backbone
-    from .registry import Registry
+    from fmlora.model.config import BackboneConfig, ModelConfig, override_backbone
+    from fmlora.registry.registry import Registry
 
     config = None
     if backbone is not None:
@@ -164,8 +165,8 @@ def worker(
 
     import torch
 
-    from .config import TrainConfig
-    from .worker import GateConfig, Worker, WorkerConfig
+    from fmlora.training.config import TrainConfig
+    from fmlora.worker.worker import GateConfig, Worker, WorkerConfig
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,10 +205,10 @@ def export_onnx_command(
     opset: int = typer.Option(18, min=17),
 ) -> None:
     """Export the backbone with the adapter as graph INPUTS: one ONNX graph serves every snapshot version."""
-    from .config import ModelConfig
-    from .export import export_onnx
-    from .model import FMLoRAModel
-    from .registry import Registry
+    from fmlora.export.onnx import export_onnx
+    from fmlora.model.config import ModelConfig
+    from fmlora.model.model import FMLoRAModel
+    from fmlora.registry.registry import Registry
 
     try:
         config = Registry.open(home).model_config if home is not None else ModelConfig()

@@ -23,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fmlora._version import __version__
-from fmlora.config import BackboneConfig, ModelConfig, override_backbone
-from fmlora.registry import Registry, VersionInfo
+from fmlora.model.config import BackboneConfig, ModelConfig, override_backbone
+from fmlora.registry.registry import Registry, VersionInfo
 
 from .errors import ApiError, RequestContextMiddleware, error_response, install_error_handlers, request_id_of
 from .errors_core import NotReadyError

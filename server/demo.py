@@ -120,9 +120,9 @@ def run_demo(
     import numpy as np
     from fmlora_client import Client
 
-    from fmlora.archive import write_task_archive
-    from fmlora.data import ImageSet, batches
-    from fmlora.glyphs import make_glyph_stream
+    from fmlora.data.archive import write_task_archive
+    from fmlora.data.glyphs import make_glyph_stream
+    from fmlora.data.images import ImageSet, batches
 
     out.mkdir(parents=True, exist_ok=True)
     stream = make_glyph_stream(

@@ -35,9 +35,9 @@ import torch
 from torch.nn import functional as F
 
 from fmlora.errors import FmloraError, UnknownTaskError, VersionNotFoundError
-from fmlora.model import FMLoRAModel, TaskRecord
-from fmlora.prompts import PromptChoice
-from fmlora.snapshot import Snapshot, check_compatible
+from fmlora.model.model import FMLoRAModel, TaskRecord
+from fmlora.model.prompts import PromptChoice
+from fmlora.model.snapshot import Snapshot, check_compatible
 
 from .batcher import MicroBatcher
 from .errors_core import (
@@ -83,7 +83,7 @@ class EngineConfig:
     backend: Literal["torch", "onnx"] = "torch"
     merge_adapters: bool = True
     # Centre-crop fraction when resizing to the model's input size. None: the model's timm data config
-    # value (capped at 1), which is what the worker trains with (fmlora.worker._image_set).
+    # value (capped at 1), which is what the worker trains with (fmlora.worker.worker._image_set).
     crop_pct: float | None = None
     watch: bool = True  # poll the registry's live pointer in a thread
     warmup_batch_sizes: tuple[int, ...] | None = None  # None: (1,) on CPU, (1, max_batch_size) on GPU

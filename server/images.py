@@ -6,7 +6,7 @@ every decoding failure (garbage, truncated files, unsupported formats) into ``In
 It accepts only common raster formats: Pillow's rarer plugins (EPS, which runs Ghostscript, and
 friends) are never reached from the network.
 
-``resize_for_model`` is the serving twin of ``fmlora.data._load_rgb`` (how uploaded task images are
+``resize_for_model`` is the serving twin of ``fmlora.data.images._load_rgb`` (how uploaded task images are
 resized for training): shorter side to ``max(size) / crop_pct`` with bicubic resampling, then a centre
 crop. A test holds the two equal pixel for pixel; the normalisation that follows comes from the
 model's timm data config through ``model.preprocessor``.
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from fmlora.data import resize_center_crop
+from fmlora.data.images import resize_center_crop
 
 from .errors_core import ImageTooLarge, InvalidImageInput
 
@@ -119,7 +119,7 @@ def as_rgb_array(image: Any) -> np.ndarray:
 
 
 def resize_for_model(image: np.ndarray | Image.Image, size: tuple[int, int], crop_pct: float = 1.0) -> np.ndarray:
-    """``fmlora.data.resize_center_crop``: the resize/crop training uses, so serving sees the same pixels.
+    """``fmlora.data.images.resize_center_crop``: the resize/crop training uses, so serving sees the same pixels.
 
     Raises ``DataError`` (a ``ValueError``) for a ``crop_pct`` outside (0, 1]."""
     return resize_center_crop(image, size, crop_pct)

@@ -1,6 +1,6 @@
 """ONNX Runtime backend for CPU serving (``EngineConfig(backend="onnx")``).
 
-The model's architecture and frozen weights are exported once (``fmlora.export.export_onnx``) with
+The model's architecture and frozen weights are exported once (``fmlora.export.onnx.export_onnx``) with
 every adapter tensor as a graph input, and cached on disk by a fingerprint of the backbone weights,
 the model configuration and the exporter versions. A version's snapshot becomes a feed dictionary
 when it is staged; switching versions is choosing another dictionary, so swaps cost nothing and no
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmlora.export import OnnxSpec, adapter_feeds, export_onnx, prompt_indices
-from fmlora.model import FMLoRAModel
-from fmlora.prompts import PromptChoice
-from fmlora.snapshot import Snapshot, check_compatible
+from fmlora.export.onnx import OnnxSpec, adapter_feeds, export_onnx, prompt_indices
+from fmlora.model.model import FMLoRAModel
+from fmlora.model.prompts import PromptChoice
+from fmlora.model.snapshot import Snapshot, check_compatible
 
 from .errors_core import InferenceError
 from .versions import VersionEntry
@@ -35,7 +35,7 @@ __all__ = ["OnnxBackend", "onnx_available"]
 log = logging.getLogger("fmlora.server.onnx")
 
 OPSET = 18
-_EXPORT_FORMAT = 1  # bump when fmlora.export changes the graph's inputs or semantics
+_EXPORT_FORMAT = 1  # bump when fmlora.export.onnx changes the graph's inputs or semantics
 
 
 def onnx_available() -> str | None:

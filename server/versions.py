@@ -27,8 +27,8 @@ from typing import Any, Protocol
 import torch
 
 from fmlora.errors import SnapshotError, SnapshotFormatError, SnapshotIntegrityError
-from fmlora.model import TaskRecord
-from fmlora.snapshot import Snapshot, SnapshotManifest, read_snapshot
+from fmlora.model.model import TaskRecord
+from fmlora.model.snapshot import Snapshot, SnapshotManifest, read_snapshot
 
 from .errors_core import VersionUnavailableError
 

@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmlora import (
-    AdapterConfig,
-    BackboneConfig,
-    FMLoRAModel,
-    ModelConfig,
-    PromptConfig,
-    make_synthetic_stream,
-)
-from fmlora.pretrain import pretrain_backbone
+from fmlora.data import make_synthetic_stream
+from fmlora.model import AdapterConfig, BackboneConfig, FMLoRAModel, ModelConfig, PromptConfig
+from fmlora.training.pretrain import pretrain_backbone
 
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
 TINY_RANDOM = BackboneConfig(name="vit_tiny_patch16_224", weights="random", model_kwargs=TINY_KWARGS)

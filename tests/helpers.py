@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fmlora import FMLoRAModel
+from fmlora.model import FMLoRAModel
 
 
 def learn_quickly(model: FMLoRAModel, name: str, classes: list[str], seed: int = 0, kind: str = "class") -> None:

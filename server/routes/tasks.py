@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from fmlora.intake import IntakeLimits, submit
+from fmlora.registry.intake import IntakeLimits, submit
 
 from ..auth import require_admin, require_api_key
 from ..errors import ApiError

@@ -8,9 +8,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from fmlora import BackboneConfig, FMLoRAModel, ModelConfig
-from fmlora.registry import Registry
-from fmlora.snapshot import publish_version
+from fmlora.model import BackboneConfig, FMLoRAModel, ModelConfig
+from fmlora.registry.publish import publish_version
+from fmlora.registry.registry import Registry
 from tests.conftest import TINY_KWARGS, TINY_RANDOM, tiny_config
 from tests.helpers import learn_quickly
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from fmlora_client import AsyncClient, Client
 
-from fmlora import BackboneConfig, make_synthetic_stream
-from fmlora.archive import write_task_archive
-from fmlora.registry import Registry
+from fmlora.data import make_synthetic_stream
+from fmlora.data.archive import write_task_archive
+from fmlora.model import BackboneConfig
+from fmlora.registry.registry import Registry
 from tests.conftest import tiny_config
 from tests.e2e.test_serve import free_port
 

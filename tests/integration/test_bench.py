@@ -60,7 +60,7 @@ def test_bench_cli_rejects_unknown_methods_with_a_clear_error(tmp_path):
 
 
 def test_glyph_benchmarks_run_end_to_end_with_joint_on_both_kinds(tmp_path):
-    from fmlora import BenchSpec, run_benchmark
+    from fmlora.bench import BenchSpec, run_benchmark
     from tests.conftest import TINY_RANDOM
 
     for benchmark in ("glyphs", "glyphs-dil"):
@@ -81,8 +81,8 @@ def test_glyph_benchmarks_run_end_to_end_with_joint_on_both_kinds(tmp_path):
 def test_backbone_override_keeps_what_still_applies():
     from pathlib import Path
 
-    from fmlora import BackboneConfig
-    from fmlora.bench import _paper_backbone, override_backbone
+    from fmlora.bench.runner import _paper_backbone, override_backbone
+    from fmlora.model import BackboneConfig
 
     paper = _paper_backbone(Path("."))
     other = override_backbone(paper, "vit_small_patch16_224.augreg_in21k", None)

@@ -2,16 +2,10 @@
 
 import torch
 
-from fmlora import (
-    FMLoRAModel,
-    Learner,
-    TrainConfig,
-    apply_strategy,
-    load_snapshot,
-    make_synthetic_stream,
-    save_snapshot,
-)
-from fmlora.learner import evaluate
+from fmlora.data import make_synthetic_stream
+from fmlora.model import FMLoRAModel, load_snapshot, save_snapshot
+from fmlora.training import Learner, TrainConfig, apply_strategy
+from fmlora.training.learner import evaluate
 from tests.conftest import tiny_config
 
 TRAIN = TrainConfig(epochs=10, batch_size=16, lr=5e-3, seed=0, progress_bar=False)

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmlora import BackboneConfig, FMLoRAModel, TrainConfig, make_synthetic_stream
-from fmlora.archive import write_task_archive
-from fmlora.intake import submit_task
-from fmlora.registry import Registry
-from fmlora.snapshot import load_snapshot, read_snapshot
-from fmlora.worker import GateConfig, Worker, WorkerConfig
+from fmlora.data import make_synthetic_stream
+from fmlora.data.archive import write_task_archive
+from fmlora.model import BackboneConfig, FMLoRAModel
+from fmlora.model.snapshot import load_snapshot, read_snapshot
+from fmlora.registry.intake import submit_task
+from fmlora.registry.registry import Registry
+from fmlora.training import TrainConfig
+from fmlora.worker.worker import GateConfig, Worker, WorkerConfig
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +32,7 @@ def submit_stream(registry: Registry, tmp_path: Path, num_tasks: int, seed: int 
     )
     ids = []
     for task in stream:
-        from fmlora.data import ConcatImages
+        from fmlora.data.images import ConcatImages
 
         archive = write_task_archive(ConcatImages((task.train, task.test)), tmp_path / f"{task.name}.zip")
         ids.append(submit_task(registry, archive, name=task.name, kind="class").id)

@@ -13,9 +13,9 @@ import signal
 import sys
 from typing import Any
 
-from fmlora import TrainConfig
-from fmlora.registry import Registry
-from fmlora.worker import Worker, WorkerConfig
+from fmlora.registry.registry import Registry
+from fmlora.training import TrainConfig
+from fmlora.worker.worker import Worker, WorkerConfig
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     def on_stage(stage: str, info: dict[str, Any]) -> None:
         print(f"STAGE {stage} {info}", flush=True)
         if stage == kill_at == "publishing":
-            import fmlora.snapshot as snapshot
+            import fmlora.model.snapshot as snapshot
 
             real_save = snapshot.save_file
 

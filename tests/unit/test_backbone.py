@@ -6,15 +6,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from fmlora import (
-    BackboneConfig,
-    BackboneError,
-    ConfigError,
-    ModelConfig,
-    Preprocessor,
-    WeightsNotFoundError,
-    create_backbone,
-)
+from fmlora.errors import BackboneError, ConfigError, WeightsNotFoundError
+from fmlora.model import BackboneConfig, ModelConfig, Preprocessor, create_backbone
 from tests.conftest import TINY_KWARGS, TINY_RANDOM, random_images
 
 

@@ -32,7 +32,7 @@ def test_fmlora_sources_never_import_the_web_stack():
 
 def test_importing_fmlora_loads_no_web_module():
     code = (
-        "import sys, fmlora, fmlora.cli, fmlora.bench, fmlora.pretrain;"
+        "import sys, fmlora, fmlora.cli, fmlora.bench.runner, fmlora.training.pretrain;"
         f"print(sorted(m for m in {sorted(WEB)!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -1,15 +1,8 @@
 import pytest
 
-from fmlora import (
-    AdapterConfig,
-    ConfigError,
-    ModelConfig,
-    PromptConfig,
-    RankSelectorConfig,
-    TrainConfig,
-    apply_strategy,
-    parse_config,
-)
+from fmlora.errors import ConfigError
+from fmlora.model import AdapterConfig, ModelConfig, PromptConfig, RankSelectorConfig, parse_config
+from fmlora.training import TrainConfig, apply_strategy
 
 
 def test_configs_are_frozen_and_validated():

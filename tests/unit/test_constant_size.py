@@ -2,7 +2,9 @@
 
 import torch
 
-from fmlora import FMLoRAModel, ImageSet, Learner, TaskData, TrainConfig, save_snapshot
+from fmlora.data import ImageSet, TaskData
+from fmlora.model import FMLoRAModel, save_snapshot
+from fmlora.training import Learner, TrainConfig
 from tests.conftest import random_images, tiny_config
 
 

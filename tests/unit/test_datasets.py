@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fmlora.data import FileImageSet, ImageSet, TaskData
-from fmlora.datasets import (
+from fmlora.data.datasets import (
     PAPER_BENCHMARKS,
     _stratified_test_counts,
     load_cifar100,
@@ -20,6 +19,7 @@ from fmlora.datasets import (
     load_domainnet,
     load_imagenet_r,
 )
+from fmlora.data.images import FileImageSet, ImageSet, TaskData
 from fmlora.errors import DataError
 
 SIZE = (8, 8)

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmlora import DataError
-from fmlora.glyphs import (
+from fmlora.data.glyphs import (
     BENCHMARK_CHARACTERS,
     FAMILIES,
     GlyphRenderer,
@@ -15,6 +14,7 @@ from fmlora.glyphs import (
     make_glyph_stream,
     pretraining_characters,
 )
+from fmlora.errors import DataError
 
 
 def test_benchmark_has_100_classes_each_drawn_by_many_faces():

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fmlora import IncrementalHead, TaskError
+from fmlora.errors import TaskError
+from fmlora.model import IncrementalHead
 
 
 def test_class_incremental_tasks_append_rows_and_keep_old_rows_frozen():

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from fmlora import AdapterConfig, FMLoRAModel, InjectionError, ModelConfig, PromptConfig, create_backbone
+from fmlora.errors import InjectionError
+from fmlora.model import AdapterConfig, FMLoRAModel, ModelConfig, PromptConfig, create_backbone
 from tests.conftest import TINY_RANDOM, random_images, tiny_config
 from tests.helpers import learn_quickly
 

@@ -1,6 +1,8 @@
 import torch
 
-from fmlora import FMLoRAModel, ImageSet, Learner, TaskData, TrainConfig, make_synthetic_stream
+from fmlora.data import ImageSet, TaskData, make_synthetic_stream
+from fmlora.model import FMLoRAModel
+from fmlora.training import Learner, TrainConfig
 from tests.conftest import tiny_config
 
 
@@ -55,7 +57,8 @@ def test_image_set_concat_unions_classes():
 def test_file_image_set_decodes_resizes_and_concatenates(tmp_path):
     from PIL import Image
 
-    from fmlora import ConcatImages, DataError, FileImageSet
+    from fmlora.data import ConcatImages, FileImageSet
+    from fmlora.errors import DataError
 
     paths = []
     for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):

@@ -1,6 +1,7 @@
 import pytest
 
-from fmlora import AccuracyMatrix, DataError
+from fmlora.errors import DataError
+from fmlora.training import AccuracyMatrix
 
 
 def test_metrics_on_a_known_matrix():

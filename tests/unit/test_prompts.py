@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fmlora import FMLoRAModel, PromptChoice, PromptConfig, PromptError, UnknownTaskError
+from fmlora.errors import PromptError, UnknownTaskError
+from fmlora.model import FMLoRAModel, PromptChoice, PromptConfig
 from tests.conftest import random_images, tiny_config
 from tests.helpers import learn_quickly
 

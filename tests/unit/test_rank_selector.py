@@ -1,6 +1,6 @@
 import torch
 
-from fmlora import RankSelector, RankSelectorConfig, task_complexity, task_novelty
+from fmlora.model import RankSelector, RankSelectorConfig, task_complexity, task_novelty
 from tests.helpers import learn_quickly
 
 

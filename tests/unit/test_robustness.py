@@ -6,20 +6,11 @@ import threading
 import pytest
 import torch
 
-from fmlora import (
-    AdapterStateError,
-    DataError,
-    FMLoRAModel,
-    Learner,
-    PromptConfig,
-    PromptError,
-    SnapshotFormatError,
-    TrainConfig,
-    load_snapshot,
-    make_synthetic_stream,
-    save_snapshot,
-)
-from fmlora.snapshot import CONFIG_FILE, TENSOR_FILE, sha256_file
+from fmlora.data import make_synthetic_stream
+from fmlora.errors import AdapterStateError, DataError, PromptError, SnapshotFormatError
+from fmlora.model import FMLoRAModel, PromptConfig, load_snapshot, save_snapshot
+from fmlora.model.snapshot import CONFIG_FILE, TENSOR_FILE, sha256_file
+from fmlora.training import Learner, TrainConfig
 from tests.conftest import random_images, tiny_config
 from tests.helpers import learn_quickly
 

@@ -5,18 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fmlora import (
-    BackboneConfig,
-    FMLoRAModel,
-    SnapshotCompatibilityError,
-    SnapshotExistsError,
-    SnapshotFormatError,
-    SnapshotIntegrityError,
-    load_snapshot,
-    read_snapshot,
-    save_snapshot,
-)
-from fmlora.snapshot import CONFIG_FILE, TENSOR_FILE, sha256_file
+from fmlora.errors import SnapshotCompatibilityError, SnapshotExistsError, SnapshotFormatError, SnapshotIntegrityError
+from fmlora.model import BackboneConfig, FMLoRAModel, load_snapshot, read_snapshot, save_snapshot
+from fmlora.model.snapshot import CONFIG_FILE, TENSOR_FILE, sha256_file
 from tests.conftest import TINY_KWARGS, random_images, tiny_config
 from tests.helpers import learn_quickly
 
@@ -144,7 +135,7 @@ def test_failed_write_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fmlora.snapshot.save_file", broken)
+    monkeypatch.setattr("fmlora.model.snapshot.save_file", broken)
     with pytest.raises(OSError):
         save_snapshot(tiny_model, tmp_path / "v1")
     assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fmlora.errors import UnknownTaskError, VersionNotFoundError
-from fmlora.registry import Registry
+from fmlora.registry.registry import Registry
 from server.app import create_app
 from server.errors_core import NotReadyError
 from server.settings import Settings

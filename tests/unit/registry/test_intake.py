@@ -22,8 +22,8 @@ from fmlora.errors import (
     TaskConflictError,
     UnsafeArchiveError,
 )
-from fmlora.intake import IntakeLimits, read_task_files, submit_task
-from fmlora.registry import Registry
+from fmlora.registry.intake import IntakeLimits, read_task_files, submit_task
+from fmlora.registry.registry import Registry
 from tests.conftest import tiny_config
 
 
@@ -328,7 +328,7 @@ def test_names_are_unique_and_idempotency_key_returns_the_same_task(registry: Re
 
 
 def test_submit_says_whether_it_stored_or_replayed_even_when_racing(registry: Registry, tmp_path: Path) -> None:
-    from fmlora.intake import submit
+    from fmlora.registry.intake import submit
 
     archive = make_zip(tmp_path / "a.zip", good_members())
     first = submit(registry, archive, name="pets", kind="class", idempotency_key="k")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from fmlora import FMLoRAModel
 from fmlora.errors import (
     LeaseError,
     RegistryConfigError,
@@ -17,8 +16,10 @@ from fmlora.errors import (
     VersionNotFoundError,
     VersionStateError,
 )
-from fmlora.registry import MIGRATIONS, WORKER_LEASE, Registry
-from fmlora.snapshot import publish_version, save_snapshot
+from fmlora.model import FMLoRAModel
+from fmlora.model.snapshot import save_snapshot
+from fmlora.registry.publish import publish_version
+from fmlora.registry.registry import MIGRATIONS, WORKER_LEASE, Registry
 from tests.conftest import tiny_config
 from tests.helpers import learn_quickly
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fmlora import FMLoRAModel, save_snapshot
-from fmlora.config import ModelConfig
-from fmlora.registry import Registry
-from fmlora.snapshot import TENSOR_FILE
+from fmlora.model import FMLoRAModel, save_snapshot
+from fmlora.model.config import ModelConfig
+from fmlora.model.snapshot import TENSOR_FILE
+from fmlora.registry.registry import Registry
 from server.engine import Engine, EngineConfig
 from tests.conftest import tiny_config
 from tests.helpers import learn_quickly

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fmlora import FMLoRAModel, PromptConfig, load_snapshot
 from fmlora.errors import PromptError, UnknownTaskError, VersionNotFoundError
+from fmlora.model import FMLoRAModel, PromptConfig, load_snapshot
 from server.engine import Engine, EngineConfig, InvalidRequestError, TorchBackend, model_crop_pct
 from server.errors_core import InvalidImageInput, NoModelError, NotReadyError, VersionUnavailableError
 from server.images import prepare_image
@@ -331,7 +331,7 @@ def test_merged_and_unmerged_engines_agree(publisher, make_engine):
 def test_crop_follows_the_training_recipe(publisher, make_engine):
     engine = make_engine()
     model = seeded_model(publisher.config)
-    # fmlora.worker trains with min(1, data_config crop_pct); serving must resize the same way.
+    # fmlora.worker.worker trains with min(1, data_config crop_pct); serving must resize the same way.
     assert engine.crop_pct == min(1.0, float(model.preprocessor.data_config.get("crop_pct", 1.0) or 1.0))
 
 

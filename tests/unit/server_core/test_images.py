@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmlora.data import _load_rgb
+from fmlora.data.images import _load_rgb
 from fmlora.errors import DataError
 from server.errors_core import ImageTooLarge, InvalidImageInput
 from server.images import as_rgb_array, decode_image, prepare_image, resize_for_model

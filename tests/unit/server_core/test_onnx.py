@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fmlora.errors import UnknownTaskError
-from fmlora.export import adapter_feeds, prompt_indices
+from fmlora.export.onnx import adapter_feeds, prompt_indices
 from server.onnx_engine import OnnxBackend
 from tests.conftest import random_images, tiny_config
 from tests.helpers import learn_quickly

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fmlora.errors import SnapshotCompatibilityError, VersionNotFoundError
-from fmlora.snapshot import Snapshot, check_compatible
+from fmlora.model.snapshot import Snapshot, check_compatible
 from server.errors_core import VersionUnavailableError
 from server.versions import KnownBadVersionError, VersionCache, VersionEntry
 from server.watcher import RegistryWatcher

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .config import ModelConfig
-from .errors import ConfigError
+from fmlora.errors import ConfigError
+from fmlora.model.config import ModelConfig
 
 __all__ = ["STRATEGIES", "apply_strategy"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .errors import DataError
+from fmlora.errors import DataError
 
 __all__ = ["AccuracyMatrix"]
 

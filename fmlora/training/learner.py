@@ -14,11 +14,12 @@ from pydantic import BaseModel, ConfigDict
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from fmlora.data.images import ImageSource, TaskData, batches
+from fmlora.model.model import FMLoRAModel, TaskRecord
+from fmlora.model.rank_selector import task_complexity, task_novelty
+
 from .config import TrainConfig
-from .data import ImageSource, TaskData, batches
 from .metrics import AccuracyMatrix
-from .model import FMLoRAModel, TaskRecord
-from .rank_selector import task_complexity, task_novelty
 
 __all__ = ["Learner", "TaskReport", "TrainingProgress", "evaluate"]
 

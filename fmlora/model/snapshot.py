@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,16 +27,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from ._version import __version__
-from .config import ModelConfig
-from .errors import (
+from fmlora._version import __version__
+from fmlora.errors import (
     SnapshotCompatibilityError,
     SnapshotExistsError,
     SnapshotFormatError,
     SnapshotIntegrityError,
 )
+
+from .config import ModelConfig
 from .model import FMLoRAModel, TaskRecord
-from .registry import Registry, VersionInfo
 
 __all__ = [
     "CONFIG_FILE",
@@ -48,7 +47,6 @@ __all__ = [
     "SnapshotManifest",
     "check_compatible",
     "load_snapshot",
-    "publish_version",
     "read_snapshot",
     "save_snapshot",
     "sha256_file",
@@ -281,47 +279,3 @@ def load_snapshot(model: FMLoRAModel, directory: str | Path) -> SnapshotManifest
     m = snapshot.manifest
     model.load_adapter_state(snapshot.tensors, m.tasks, m.labels, m.label_tasks)
     return m
-
-
-def publish_version(
-    registry: Registry,
-    model: FMLoRAModel,
-    *,
-    card: dict[str, Any],
-    parent: int | None,
-    task_id: str | None = None,
-    accepted: bool = True,
-    lease_owner: str | None = None,
-    hook: Callable[[str, int], None] | None = None,
-) -> VersionInfo:
-    """Publish ``model``'s adapter as the registry's next version: write beside and rename
-    (``save_snapshot``), read it back as a server will, then record it (live when ``accepted``).
-
-    A failure after the rename removes the unrecorded directory, so nothing unrecorded stays
-    visible. ``hook(stage, version)`` is called at "publishing" (before writing) and "written"
-    (renamed, not yet recorded); the worker's crash tests stop the process there.
-    """
-    version = registry.next_version()
-    directory = registry.snapshot_dir(version)
-    if hook is not None:
-        hook("publishing", version)
-    manifest = save_snapshot(model, directory, version=version, parent_version=parent, card=card)
-    try:
-        if hook is not None:
-            hook("written", version)
-        if read_snapshot(directory).manifest.tensors_sha256 != manifest.tensors_sha256:
-            raise SnapshotIntegrityError(f"snapshot v{version} changed between writing and verifying")
-        return registry.record_version(
-            version=version,
-            parent=parent,
-            sha256=manifest.tensors_sha256,
-            tasks=[t.name for t in model.tasks],
-            card=card,
-            adapter_bytes=manifest.adapter_bytes,
-            task_id=task_id,
-            accepted=accepted,
-            lease_owner=lease_owner,
-        )
-    except BaseException:
-        registry.remove_snapshot_dir(directory)
-        raise

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from .data import ImageSet, TaskData
-from .errors import DataError
+from fmlora.errors import DataError
+
+from .images import ImageSet, TaskData
 
 __all__ = [
     "BENCHMARK_CHARACTERS",

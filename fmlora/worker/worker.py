@@ -21,19 +21,20 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-from .data import FileImageSet, ImageSet, ImageSource, TaskData
-from .errors import DataError, FmloraError, LeaseError
-from .intake import read_task_files
-from .learner import Learner, TrainingProgress, evaluate
-from .metrics import AccuracyMatrix
-from .model import FMLoRAModel
-from .registry import WORKER_LEASE, Registry, TaskInfo, VersionInfo
-from .snapshot import load_snapshot, publish_version
+from fmlora.data.images import FileImageSet, ImageSet, ImageSource, TaskData
+from fmlora.errors import DataError, FmloraError, LeaseError
+from fmlora.model.model import FMLoRAModel
+from fmlora.model.snapshot import load_snapshot
+from fmlora.registry.intake import read_task_files
+from fmlora.registry.publish import publish_version
+from fmlora.registry.registry import WORKER_LEASE, Registry, TaskInfo, VersionInfo
+from fmlora.training.config import TrainConfig
+from fmlora.training.learner import Learner, TrainingProgress, evaluate
+from fmlora.training.metrics import AccuracyMatrix
 
 __all__ = ["GateConfig", "Worker", "WorkerConfig"]
 
-log = logging.getLogger("fmlora.worker")
+log = logging.getLogger("fmlora.worker.worker")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .data import ImageSet, TaskData
+from .images import ImageSet, TaskData
 
 __all__ = ["make_synthetic_stream"]
 

@@ -19,15 +19,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import AdapterConfig, BackboneConfig, ModelConfig, PromptConfig, TrainConfig, override_backbone
-from .data import TaskData, concat_sources
-from .errors import ConfigError, DataError
-from .learner import Learner, evaluate
-from .model import FMLoRAModel
-from .pretrain import pretrain_backbone
-from .snapshot import save_snapshot
-from .strategies import STRATEGIES, apply_strategy
-from .synthetic import make_synthetic_stream
+from fmlora.data.images import TaskData, concat_sources
+from fmlora.data.synthetic import make_synthetic_stream
+from fmlora.errors import ConfigError, DataError
+from fmlora.model.config import AdapterConfig, BackboneConfig, ModelConfig, PromptConfig, override_backbone
+from fmlora.model.model import FMLoRAModel
+from fmlora.model.snapshot import save_snapshot
+from fmlora.training.config import TrainConfig
+from fmlora.training.learner import Learner, evaluate
+from fmlora.training.pretrain import pretrain_backbone
+from fmlora.training.strategies import STRATEGIES, apply_strategy
 
 __all__ = ["BENCHMARKS", "METHODS", "BenchSpec", "run_benchmark", "summary_markdown"]
 
@@ -66,7 +67,7 @@ def _synthetic_backbone(cache_dir: Path) -> BackboneConfig:
 
 
 def _offline_backbone(_: Path) -> BackboneConfig:
-    from .backbone import OFFLINE_BACKBONE
+    from fmlora.model.backbone import OFFLINE_BACKBONE
 
     return OFFLINE_BACKBONE
 
@@ -82,7 +83,7 @@ def _paper_backbone(_: Path) -> BackboneConfig:
 
 def _glyphs(kind: str, train: int, test: int) -> Callable[[int, int, tuple[int, int], Path | None], list[TaskData]]:
     def build(seed: int, tasks: int, size: tuple[int, int], _: Path | None) -> list[TaskData]:
-        from .glyphs import make_glyph_stream
+        from fmlora.data.glyphs import make_glyph_stream
 
         return make_glyph_stream(kind, tasks, train_per_class=train, test_per_class=test, seed=seed, image_size=size[0])
 
@@ -95,7 +96,7 @@ def _synthetic(seed: int, tasks: int, size: tuple[int, int], _: Path | None) -> 
 
 def _paper(name: str) -> Callable[[int, int, tuple[int, int], Path | None], list[TaskData]]:
     def build(seed: int, tasks: int, size: tuple[int, int], root: Path | None) -> list[TaskData]:
-        from .datasets import PAPER_BENCHMARKS
+        from fmlora.data.datasets import PAPER_BENCHMARKS
 
         if root is None:
             raise ConfigError(f"benchmark {name!r} needs --data-root pointing at the dataset")

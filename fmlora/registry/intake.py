@@ -29,7 +29,7 @@ from typing import BinaryIO, Literal
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import (
+from fmlora.errors import (
     ArchiveFormatError,
     ArchiveTooLargeError,
     ClassLayoutError,
@@ -38,6 +38,7 @@ from .errors import (
     TaskConflictError,
     UnsafeArchiveError,
 )
+
 from .registry import Registry, TaskInfo
 
 __all__ = ["IntakeLimits", "StoredTask", "Submission", "read_task_files", "submit", "submit_task", "validate_archive"]

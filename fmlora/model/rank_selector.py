@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fmlora.errors import DataError
+
 from .config import RankSelectorConfig
-from .errors import DataError
 
 __all__ = ["RankSelector", "task_complexity", "task_novelty"]
 

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fmlora.errors import AdapterStateError, InjectionError
+
 from ._threadlocal import PerThread
 from .config import QKV_PARTS, AdapterConfig
-from .errors import AdapterStateError, InjectionError
 
 __all__ = ["AdaptedLinear", "AdapterRuntime", "FLoRAAdapter", "inject_adapters", "parse_target"]
 

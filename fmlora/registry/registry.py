@@ -26,8 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .config import ModelConfig
-from .errors import (
+from fmlora.errors import (
     LeaseError,
     RegistryConfigError,
     RegistryError,
@@ -35,6 +34,7 @@ from .errors import (
     VersionNotFoundError,
     VersionStateError,
 )
+from fmlora.model.config import ModelConfig
 
 __all__ = ["TASK_STATUSES", "VERSION_STATES", "Event", "Lease", "Registry", "TaskInfo", "VersionInfo"]
 
@@ -518,7 +518,7 @@ class Registry:
         num_eval: int,
         idempotency_key: str | None,
     ) -> TaskInfo:
-        """Queue a task whose files are already in ``task_dir(task_id)`` (see fmlora.intake)."""
+        """Queue a task whose files are already in ``task_dir(task_id)`` (see fmlora.registry.intake)."""
         now = _now()
         with self._write() as conn:
             conn.execute(

@@ -11,9 +11,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from fmlora.errors import AdapterStateError, DataError, PromptError, TaskError, UnknownTaskError
+
 from .backbone import Preprocessor, create_backbone, weights_fingerprint
 from .config import ModelConfig
-from .errors import AdapterStateError, DataError, PromptError, TaskError, UnknownTaskError
 from .head import IncrementalHead
 from .layers import AdaptedLinear, AdapterRuntime, inject_adapters
 from .prompts import PrefixAttention, PromptBank, PromptChoice, PromptRouting

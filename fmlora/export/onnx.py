@@ -37,14 +37,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import ConfigError, UnknownTaskError
-from .layers import AdaptedLinear
-from .model import FMLoRAModel
-from .prompts import PrefixAttention, PromptChoice
+from fmlora.errors import ConfigError, UnknownTaskError
+from fmlora.model.layers import AdaptedLinear
+from fmlora.model.model import FMLoRAModel
+from fmlora.model.prompts import PrefixAttention, PromptChoice
 
 __all__ = ["AUTO", "NONE", "OnnxSpec", "adapter_feeds", "export_onnx", "prompt_indices"]
 
-log = logging.getLogger("fmlora.export")
+log = logging.getLogger("fmlora.export.onnx")
 
 AUTO = -1
 NONE = -2

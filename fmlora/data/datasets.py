@@ -34,8 +34,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .data import FileImageSet, ImageSet, TaskData
-from .errors import DataError
+from fmlora.errors import DataError
+
+from .images import FileImageSet, ImageSet, TaskData
 
 __all__ = [
     "PAPER_BENCHMARKS",

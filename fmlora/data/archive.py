@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from .data import ImageSource, batches
+from .images import ImageSource, batches
 
 __all__ = ["write_task_archive"]
 

@@ -12,8 +12,9 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+from fmlora.errors import BackboneError, DataError, WeightsNotFoundError
+
 from .config import OFFLINE_WEIGHTS, BackboneConfig
-from .errors import BackboneError, DataError, WeightsNotFoundError
 
 __all__ = ["OFFLINE_BACKBONE", "OFFLINE_WEIGHTS", "Preprocessor", "create_backbone", "weights_fingerprint"]
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import TaskError
+from fmlora.errors import TaskError
 
 __all__ = ["IncrementalHead"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import DataError
+from fmlora.errors import DataError
 
 __all__ = ["ConcatImages", "FileImageSet", "ImageSet", "ImageSource", "TaskData", "batches", "concat_sources"]
 

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fmlora.errors import ConfigError, PromptError, TaskError, UnknownTaskError
+
 from ._threadlocal import PerThread
 from .config import PromptConfig
-from .errors import ConfigError, PromptError, TaskError, UnknownTaskError
 
 __all__ = ["PrefixAttention", "PromptBank", "PromptChoice", "PromptRouting"]
 

@@ -1,4 +1,4 @@
-"""Typed, frozen configuration for the backbone, the adapter and training.
+"""Typed, frozen configuration for the backbone, the adapter, the rank selector and the prompts.
 
 Every design choice that is ours rather than the paper's (see DESIGN.md §1) is a field here, so that
 ablations can switch it off and measure it.
@@ -11,23 +11,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from fmlora.errors import ConfigError
 
 __all__ = [
     "OFFLINE_MODEL_KWARGS",
     "OFFLINE_WEIGHTS",
     "AdapterConfig",
     "BackboneConfig",
+    "FrozenConfig",
     "ModelConfig",
     "PromptConfig",
     "RankSelectorConfig",
-    "TrainConfig",
     "override_backbone",
     "parse_config",
 ]
 
 
-class _Frozen(BaseModel):
+class FrozenConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     def __init__(self, **data: Any) -> None:
@@ -40,7 +40,7 @@ class _Frozen(BaseModel):
 
 # The offline default backbone: a 32-px ViT (patch 4, width 128, depth 4) pre-trained by
 # `fmlora pretrain` on glyphs disjoint from the benchmark's, shipped inside the package.
-OFFLINE_WEIGHTS = Path(__file__).with_name("assets") / "glyph-vit-s32.safetensors"
+OFFLINE_WEIGHTS = Path(__file__).parent.parent / "assets" / "glyph-vit-s32.safetensors"
 OFFLINE_MODEL_KWARGS: dict[str, Any] = {
     "img_size": 32,
     "patch_size": 4,
@@ -51,7 +51,7 @@ OFFLINE_MODEL_KWARGS: dict[str, Any] = {
 }
 
 
-class BackboneConfig(_Frozen):
+class BackboneConfig(FrozenConfig):
     """Which timm Vision Transformer to wrap and where its weights come from.
 
     ``weights``: ``pretrained`` uses timm's own download path (needs the internet or a warm cache),
@@ -111,7 +111,7 @@ def override_backbone(base: BackboneConfig, name: str | None, weights: str | Non
     return base.model_copy(update=update) if update else base
 
 
-class AdapterConfig(_Frozen):
+class AdapterConfig(FrozenConfig):
     """F-LoRA layers: which matrices, which rank, and how bases and task factors train."""
 
     # Module-name suffixes; ``attn.qkv[q]`` adapts only the query rows of the fused qkv projection.
@@ -143,7 +143,7 @@ class AdapterConfig(_Frozen):
         return self.alpha / self.rank
 
 
-class RankSelectorConfig(_Frozen):
+class RankSelectorConfig(FrozenConfig):
     """Dynamic rank selection (DRS): a prior from task complexity/novelty, Gumbel-Softmax over ranks."""
 
     enabled: bool = True
@@ -166,7 +166,7 @@ class RankSelectorConfig(_Frozen):
         return tuple(sorted(set(candidates)))
 
 
-class PromptConfig(_Frozen):
+class PromptConfig(FrozenConfig):
     """Dynamic meta-prompts (DMP): a fixed bank of prefix key/value prompts mixed per input."""
 
     enabled: bool = True
@@ -188,7 +188,7 @@ class PromptConfig(_Frozen):
         return start, end
 
 
-class ModelConfig(_Frozen):
+class ModelConfig(FrozenConfig):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig.offline)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     rank_selector: RankSelectorConfig = Field(default_factory=RankSelectorConfig)
@@ -196,29 +196,7 @@ class ModelConfig(_Frozen):
     head_init_std: float = Field(0.02, gt=0)
 
 
-class TrainConfig(_Frozen):
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    # The new head rows start from zero while earlier rows are trained; a faster head lets a short
-    # task catch up (1.0 = one learning rate for everything, as the paper protocol uses).
-    head_lr_scale: float = Field(1.0, gt=0)
-    optimizer: Literal["adam", "adamw"] = "adam"
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_fraction: float = Field(0.0, ge=0, lt=1)
-    min_lr_fraction: float = Field(0.0, ge=0, le=1)
-    grad_clip: float | None = Field(1.0, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
-    device: str = "cpu"
-    # bfloat16 autocast speeds up CPUs with AVX512-BF16 and every recent GPU; None trains in fp32.
-    autocast_dtype: Literal["bfloat16", "float16"] | None = None
-    eval_batch_size: int = Field(128, ge=1)
-    progress_bar: bool = True
-
-
-def parse_config(model: type[_Frozen], data: dict[str, Any]) -> Any:
+def parse_config(model: type[FrozenConfig], data: dict[str, Any]) -> Any:
     """Validate a plain dict into a config, raising ConfigError with pydantic's explanation."""
     try:
         return model.model_validate(data)

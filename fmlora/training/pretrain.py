@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .backbone import Preprocessor
-from .config import BackboneConfig
-from .data import ImageSource, batches
-from .errors import ConfigError
+from fmlora.data.images import ImageSource, batches
+from fmlora.errors import ConfigError
+from fmlora.model.backbone import Preprocessor
+from fmlora.model.config import BackboneConfig
 
 __all__ = ["BatchSampler", "linear_probe", "pretrain_backbone"]
 
@@ -132,7 +132,7 @@ def _features(backbone: torch.nn.Module, preprocess: Preprocessor, data: ImageSo
 def linear_probe(config: BackboneConfig, train: ImageSource, test: ImageSource, steps: int = 300) -> float:
     """Top-1 accuracy of a linear classifier on the frozen backbone's features (a measure of the
     backbone, not of any continual-learning method)."""
-    from .backbone import create_backbone
+    from fmlora.model.backbone import create_backbone
 
     backbone = create_backbone(config)
     preprocess = Preprocessor.for_model(backbone, config.data_config_overrides, config.input_norm)

@@ -1,0 +1,45 @@
+"""Data: image sources and task streams (the offline glyph benchmark, the paper datasets, synthetic
+streams), the shared resize/crop, and task archives.
+
+Imports only ``fmlora.errors`` and third-party libraries.
+"""
+
+from .archive import write_task_archive
+from .datasets import PAPER_BENCHMARKS, load_cifar100, load_cub200, load_domainnet, load_imagenet_r
+from .glyphs import (
+    BENCHMARK_CHARACTERS,
+    FAMILIES,
+    GlyphRenderer,
+    GlyphSampler,
+    font_directory,
+    make_glyph_stream,
+    pretraining_characters,
+    render_pretraining_set,
+)
+from .images import ConcatImages, FileImageSet, ImageSet, ImageSource, TaskData, batches, concat_sources
+from .synthetic import make_synthetic_stream
+
+__all__ = [
+    "BENCHMARK_CHARACTERS",
+    "FAMILIES",
+    "PAPER_BENCHMARKS",
+    "ConcatImages",
+    "FileImageSet",
+    "GlyphRenderer",
+    "GlyphSampler",
+    "ImageSet",
+    "ImageSource",
+    "TaskData",
+    "batches",
+    "concat_sources",
+    "font_directory",
+    "load_cifar100",
+    "load_cub200",
+    "load_domainnet",
+    "load_imagenet_r",
+    "make_glyph_stream",
+    "make_synthetic_stream",
+    "pretraining_characters",
+    "render_pretraining_set",
+    "write_task_archive",
+]
