@@ -463,8 +463,8 @@ def _server_cli_available() -> bool:
 
 _UVICORN_LAUNCHER = """
 import sys, uvicorn
-from server.app import create_app
-from server.settings import Settings
+from server.api.app import create_app
+from server.api.settings import Settings
 settings = Settings()
 uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
             access_log=False, timeout_graceful_shutdown=int(settings.shutdown_timeout_s))
@@ -472,7 +472,7 @@ uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_le
 
 
 class ServerProcess:
-    """``fmlora serve`` (or uvicorn on ``server.app:create_app`` where the CLI is absent) as a child
+    """``fmlora serve`` (or uvicorn on ``server.api.app:create_app`` where the CLI is absent) as a child
     process on a free loopback port, with no embedded worker.
 
     ``settings``: Settings fields (``max_queue=16``, ``device="cuda"``, ...), passed as ``FMLORA_*``

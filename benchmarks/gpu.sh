@@ -213,7 +213,7 @@ for pyproject in (repo / "pyproject.toml", repo / "clients" / "pyproject.toml"):
 PYEOF
 "$PY" - <<'EOF' || { say "imports failed: stopping"; exit 1; }
 import fastapi, pydantic, torch, timm, uvicorn
-import fmlora, server.app
+import fmlora, server.api.app
 from importlib.metadata import entry_points
 print("fmlora.commands entry points:", sorted(e.name for e in entry_points(group="fmlora.commands")))
 print("imports ok: torch", torch.__version__, "timm", timm.__version__, "fastapi", fastapi.__version__,

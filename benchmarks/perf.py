@@ -13,7 +13,7 @@ measures images/s and latency at each batch size for:
   ``torch.inference_mode`` on a ready float tensor — the physical limit;
 * ``model``: FMLoRAModel with the live snapshot loaded and merged, ``forward_detailed(x, 'auto')``
   on the same float tensor (adapter + meta-prompt routing; no engine);
-* ``engine``: ``server.engine.Engine.predict_sync`` on uint8 arrays at the model's input size, one
+* ``engine``: ``server.core.engine.Engine.predict_sync`` on uint8 arrays at the model's input size, one
   request of ``batch`` images at a time (resize/crop, normalisation, micro-batcher hand-off, forward,
   softmax, top-k, prompt info; ``max_wait_ms=0`` so a request never waits for company);
 * ``engine_async``: the same engine under ``concurrency`` asyncio callers of ``Engine.predict`` (as the
@@ -186,7 +186,7 @@ class EngineRunner:
     ``max_wait_ms=0``, so a request never waits for company."""
 
     def __init__(self, bench: BenchHome, batches: Sequence[int], device: str, dtype: str, backend: str) -> None:
-        from server.engine import Engine, EngineConfig
+        from server.core.engine import Engine, EngineConfig
 
         cfg = EngineConfig(
             device=device,
@@ -541,7 +541,7 @@ def run_backbone(name: str, args: argparse.Namespace, work: Path) -> dict[str, A
     processes hits all paths alike."""
     import torch
 
-    from server.engine import resolve_device, resolve_dtype
+    from server.core.engine import resolve_device, resolve_dtype
 
     batches = args.batches
     device = resolve_device(args.device)

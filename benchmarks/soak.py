@@ -8,7 +8,7 @@ versions pruned every 50 swaps as a worker with ``keep_versions`` would):
 - ``server``: a real server (``fmlora serve --no-worker`` child process) with two light clients;
   the resident set size of the server process (and its GPU memory on a GPU, from nvidia-smi) is
   sampled after every swap;
-- ``harness``: the real engine (``server.engine.Engine``) in a child process of its own, swapped
+- ``harness``: the real engine (``server.core.engine.Engine``) in a child process of its own, swapped
   with ``engine.reload()`` after each publish, a light prediction thread; its own RSS (and
   ``torch.cuda.memory_allocated`` on a GPU) sampled after every swap;
 - ``leaky``: the same harness with the engine's version cache replaced by ``LeakyVersionCache``, a
@@ -90,7 +90,7 @@ def detect_leak(samples: Sequence[tuple[int, int]], limit_bytes: float, warmup: 
 
 # -- the negative control ----------------------------------------------------------------------------
 def _leaky_cache_class() -> type:
-    from server.versions import VersionCache
+    from server.core.versions import VersionCache
 
     class LeakyVersionCache(VersionCache):
         """The real cache, except that it keeps every loaded snapshot's tensors forever."""
@@ -110,7 +110,7 @@ def _leaky_cache_class() -> type:
 @contextmanager
 def leaking_version_cache() -> Iterator[type]:
     """While active, engines started in this process build a ``LeakyVersionCache``."""
-    import server.engine as engine_module
+    import server.core.engine as engine_module
 
     original = engine_module.VersionCache
     leaky = _leaky_cache_class()
@@ -174,7 +174,7 @@ def run_harness(params: dict[str, Any]) -> dict[str, Any]:
 
     from benchmarks._publish import Publisher
     from fmlora.registry.registry import Registry
-    from server.engine import Engine, EngineConfig
+    from server.core.engine import Engine, EngineConfig
 
     cfg = SoakConfig(
         out=Path(params["home"]),

@@ -1,4 +1,5 @@
-"""The FastAPI serving layer (app factory, routes, micro-batcher, hot swap) lives here.
+"""The serving system around ``fmlora``: ``server.core`` (framework-free engine) and ``server.api``
+(the FastAPI layer), plus ``server.cli`` (``fmlora serve``).
 
-It depends on ``fmlora``; ``fmlora`` never depends on it (enforced by tests/unit/test_boundaries.py).
+It depends on ``fmlora``; ``fmlora`` never depends on it (an import-linter contract enforces it).
 """

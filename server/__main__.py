@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .cli import openapi_document, register
+from server.cli import openapi_document, register
 
 app = typer.Typer(help="fmlora server commands.", no_args_is_help=True, add_completion=False)
 register(app)

@@ -28,8 +28,7 @@ import typer
 from pydantic import SecretStr, ValidationError
 
 from fmlora.errors import FmloraError
-
-from .settings import EmbeddedWorkerSettings, Settings
+from server.api.settings import EmbeddedWorkerSettings, Settings
 
 __all__ = ["ADMIN_KEY_FILE", "load_or_create_admin_key", "openapi_document", "register", "serve"]
 
@@ -61,7 +60,7 @@ def load_or_create_admin_key(home: Path) -> tuple[str, bool]:
 
 def openapi_document() -> str:
     """The app's OpenAPI schema as committed in openapi.json (sorted keys, 2-space indent)."""
-    from .app import create_app
+    from server.api.app import create_app
 
     # The schema does not depend on settings; a throw-away key keeps the "no admin key" warning quiet.
     app = create_app(Settings(admin_key=secrets.token_urlsafe(32), api_key=None, cors_origins=[]))
@@ -161,7 +160,7 @@ def serve(
     """
     import uvicorn
 
-    from .app import create_app, open_registry
+    from server.api.app import create_app, open_registry
 
     given = {
         "home": home,

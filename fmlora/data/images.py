@@ -77,7 +77,7 @@ def resize_center_crop(image: np.ndarray | Image.Image, size: tuple[int, int], c
     """Resize the shorter side to ``max(size) / crop_pct`` (bicubic) and centre-crop to ``size``.
 
     timm's eval recipe, and the one place it is written: training (FileImageSet, the worker) and
-    serving (server.images) both call it, so a served image reaches the model exactly as a training
+    serving (server.core.images) both call it, so a served image reaches the model exactly as a training
     image with the same pixels did. Returns uint8 (H, W, 3).
     """
     if not 0 < crop_pct <= 1:

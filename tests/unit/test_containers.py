@@ -640,7 +640,7 @@ def test_server_matches_the_image_and_is_healthchecked_on_readyz(resolved, final
 
 
 def test_grace_periods_cover_the_shutdown_drain(resolved):
-    import server.settings as settings
+    import server.api.settings as settings
 
     drain = settings.Settings.model_fields["shutdown_timeout_s"].default
     for name, service in resolved["services"].items():
@@ -777,7 +777,7 @@ def test_worker_flags_exist_in_fmlora_worker(full_cli, cli_commands, resolved):
 
 
 def test_every_fmlora_variable_is_a_real_setting(cli_commands, compose):
-    import server.settings as settings
+    import server.api.settings as settings
 
     server_vars = {f"FMLORA_{name.upper()}" for name in settings.Settings.model_fields}
     worker_vars = {env for p in cli_commands["worker"].params for env in ([p.envvar] if p.envvar else [])}

@@ -27,8 +27,8 @@ def test_detect_leak_flags_growth_over_the_limit_after_the_warmup():
 
 
 def test_the_leaking_cache_is_installed_only_inside_its_context():
-    import server.engine as engine_module
-    from server.versions import VersionCache
+    import server.core.engine as engine_module
+    from server.core.versions import VersionCache
 
     with leaking_version_cache() as leaky:
         assert engine_module.VersionCache is leaky and issubclass(leaky, VersionCache)

@@ -20,9 +20,9 @@ from PIL import Image
 
 from fmlora.errors import UnknownTaskError, VersionNotFoundError
 from fmlora.registry.registry import Registry
-from server.app import create_app
-from server.errors_core import NotReadyError
-from server.settings import Settings
+from server.api.app import create_app
+from server.api.settings import Settings
+from server.core.errors import NotReadyError
 from tests.conftest import tiny_config
 
 ADMIN = "admin-key-0123456789abcdef"
@@ -44,7 +44,7 @@ class FakePrediction:
 
 @dataclass
 class FakeEngine:
-    """Implements the engine seam (server.engine.Engine) without a model."""
+    """Implements the engine seam (server.core.engine.Engine) without a model."""
 
     registry: Registry | None = None
     labels: list[str] = field(default_factory=lambda: ["cat", "dog", "robin"])

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from server.settings import Settings
+from server.api.settings import Settings
 
 from .conftest import ADMIN, API, assert_envelope, auth, png_bytes, publish_fake_version
 
@@ -129,7 +129,7 @@ def test_keys_are_compared_as_fixed_length_digests(monkeypatch):
     SHA-256 digests, so the configured key's length does not show in the timing."""
     import hmac
 
-    from server import auth as auth_module
+    from server.api import auth as auth_module
 
     seen: list[tuple[int, int]] = []
     real = hmac.compare_digest

@@ -11,8 +11,9 @@ import pytest
 from fmlora_client import models as client_models
 from fmlora_client.errors import class_for
 
-from server import errors as server_errors
-from server import errors_core, schemas
+from server.api import errors as server_errors
+from server.api import schemas
+from server.core import errors as errors_core
 
 # Types raised as ApiError(status, type, ...) in the app, routes and auth (literals in the code).
 ROUTE_ERRORS = [

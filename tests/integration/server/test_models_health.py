@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from server.app import create_app
-from server.settings import Settings
+from server.api.app import create_app
+from server.api.settings import Settings
 
 from .conftest import ADMIN, FakeEngine, assert_envelope, auth, png_bytes, publish_fake_version, wait_ready
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from fmlora.errors import VersionNotFoundError
-from server.errors_core import NoModelError, QueueFullError, RequestTimeoutError, VersionUnavailableError
+from server.core.errors import NoModelError, QueueFullError, RequestTimeoutError, VersionUnavailableError
 
 from .conftest import FakeEngine, assert_envelope, png_bytes, publish_fake_version
 
@@ -276,7 +276,7 @@ def test_large_json_bodies_are_parsed_off_the_event_loop(client, monkeypatch):
     """Megabytes of JSON and base64 must not hold the event loop (and with it every other request)."""
     import asyncio
 
-    from server.routes import predict as predict_route
+    from server.api.routes import predict as predict_route
 
     on_loop: list[bool] = []
     real = predict_route._parse_json

@@ -7,8 +7,8 @@ import base64
 
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.settings import Settings
+from server.api.app import create_app
+from server.api.settings import Settings
 from tests.e2e._homes import publish_tiny_version, tiny_home
 from tests.helpers import learn_quickly
 

@@ -14,7 +14,7 @@ from fmlora.model import FMLoRAModel, save_snapshot
 from fmlora.model.config import ModelConfig
 from fmlora.model.snapshot import TENSOR_FILE
 from fmlora.registry.registry import Registry
-from server.engine import Engine, EngineConfig
+from server.core.engine import Engine, EngineConfig
 from tests.conftest import tiny_config
 from tests.helpers import learn_quickly
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from fmlora.errors import UnknownTaskError
-from server.batcher import MicroBatcher
-from server.errors_core import InferenceError, NotReadyError, QueueFullError, RequestTimeoutError
+from server.core.batcher import MicroBatcher
+from server.core.errors import InferenceError, NotReadyError, QueueFullError, RequestTimeoutError
 
 
 class Recorder:

@@ -12,9 +12,9 @@ import torch
 
 from fmlora.errors import PromptError, UnknownTaskError, VersionNotFoundError
 from fmlora.model import FMLoRAModel, PromptConfig, load_snapshot
-from server.engine import Engine, EngineConfig, InvalidRequestError, TorchBackend, model_crop_pct
-from server.errors_core import InvalidImageInput, NoModelError, NotReadyError, VersionUnavailableError
-from server.images import prepare_image
+from server.core.engine import Engine, EngineConfig, InvalidRequestError, TorchBackend, model_crop_pct
+from server.core.errors import InvalidImageInput, NoModelError, NotReadyError, VersionUnavailableError
+from server.core.images import prepare_image
 from tests.conftest import TINY_RANDOM, tiny_config
 from tests.unit.server_core.conftest import Publisher, image, seeded_model
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from fmlora.data.images import _load_rgb
 from fmlora.errors import DataError
-from server.errors_core import ImageTooLarge, InvalidImageInput
-from server.images import as_rgb_array, decode_image, prepare_image, resize_for_model
+from server.core.errors import ImageTooLarge, InvalidImageInput
+from server.core.images import as_rgb_array, decode_image, prepare_image, resize_for_model
 
 LIMIT = 10_000_000
 

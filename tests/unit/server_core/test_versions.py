@@ -10,9 +10,9 @@ import torch
 
 from fmlora.errors import SnapshotCompatibilityError, VersionNotFoundError
 from fmlora.model.snapshot import Snapshot, check_compatible
-from server.errors_core import VersionUnavailableError
-from server.versions import KnownBadVersionError, VersionCache, VersionEntry
-from server.watcher import RegistryWatcher
+from server.core.errors import VersionUnavailableError
+from server.core.versions import KnownBadVersionError, VersionCache, VersionEntry
+from server.core.watcher import RegistryWatcher
 from tests.unit.server_core.conftest import Publisher, seeded_model
 
 

@@ -8,11 +8,11 @@ from fastapi import Request
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from ..errors import ApiError
-from ..schemas import ErrorEnvelope
+from server.api.errors import ApiError
+from server.api.schemas import ErrorEnvelope
 
 if TYPE_CHECKING:
-    from ..app import ServerState
+    from server.api.app import ServerState
 
 T = TypeVar("T")
 

@@ -33,12 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from fmlora.errors import FmloraError
-
-from .errors_core import EngineError, InferenceError, NotReadyError, QueueFullError, RequestTimeoutError
+from server.core.errors import EngineError, InferenceError, NotReadyError, QueueFullError, RequestTimeoutError
 
 __all__ = ["BatchStats", "MicroBatcher"]
 
-log = logging.getLogger("fmlora.server.batcher")
+log = logging.getLogger("fmlora.server.core.batcher")
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -19,8 +19,8 @@ from fastapi import Request, Security
 from fastapi.security import HTTPBearer
 from pydantic import SecretStr
 
-from .errors import ApiError
-from .settings import Settings
+from server.api.errors import ApiError
+from server.api.settings import Settings
 
 __all__ = ["bearer_scheme", "require_admin", "require_api_key"]
 

@@ -7,9 +7,9 @@ import logging
 from fastapi import APIRouter, Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..auth import require_admin, require_api_key
-from ..schemas import ActivateResponse, ErrorEnvelope, ModelsResponse, VersionOut
-from ._common import get_state
+from server.api.auth import require_admin, require_api_key
+from server.api.routes._common import get_state
+from server.api.schemas import ActivateResponse, ErrorEnvelope, ModelsResponse, VersionOut
 
 log = logging.getLogger("fmlora.server")
 

@@ -29,8 +29,7 @@ import torch
 from fmlora.errors import SnapshotError, SnapshotFormatError, SnapshotIntegrityError
 from fmlora.model.model import TaskRecord
 from fmlora.model.snapshot import Snapshot, SnapshotManifest, read_snapshot
-
-from .errors_core import VersionUnavailableError
+from server.core.errors import VersionUnavailableError
 
 __all__ = [
     "KnownBadVersionError",
@@ -41,7 +40,7 @@ __all__ = [
     "VersionEntry",
 ]
 
-log = logging.getLogger("fmlora.server.versions")
+log = logging.getLogger("fmlora.server.core.versions")
 
 MAX_REMEMBERED_FAILURES = 1000
 

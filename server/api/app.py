@@ -25,13 +25,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fmlora._version import __version__
 from fmlora.model.config import BackboneConfig, ModelConfig, override_backbone
 from fmlora.registry.registry import Registry, VersionInfo
+from server.api.errors import ApiError, RequestContextMiddleware, error_response, install_error_handlers, request_id_of
+from server.api.metrics import ServerMetrics
+from server.api.routes import health, models, predict, tasks
+from server.api.settings import Settings
+from server.core.errors import NotReadyError
 
-from .errors import ApiError, RequestContextMiddleware, error_response, install_error_handlers, request_id_of
-from .errors_core import NotReadyError
-from .metrics import ServerMetrics
-from .routes import health, models, predict, tasks
 from .routes._common import COMMON_RESPONSES
-from .settings import Settings
 
 __all__ = ["BodyLimitMiddleware", "ServerState", "create_app", "model_config_for", "open_registry"]
 
@@ -215,7 +215,7 @@ def open_registry(settings: Settings) -> Registry:
 
 def build_engine(settings: Settings, registry: Registry) -> Any:
     """The torch (or ONNX) engine configured from settings."""
-    from .engine import Engine, EngineConfig
+    from server.core.engine import Engine, EngineConfig
 
     config = EngineConfig(
         device=settings.device,
@@ -281,7 +281,7 @@ def _document_manual_bodies(app: FastAPI) -> None:
     FastAPI cannot see; add those to the OpenAPI components."""
     from fastapi.openapi.utils import get_openapi
 
-    from .schemas import PredictRequest
+    from server.api.schemas import PredictRequest
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

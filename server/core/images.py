@@ -22,8 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from fmlora.data.images import resize_center_crop
-
-from .errors_core import ImageTooLarge, InvalidImageInput
+from server.core.errors import ImageTooLarge, InvalidImageInput
 
 __all__ = [
     "DEFAULT_FORMATS",

@@ -15,12 +15,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from ..auth import require_api_key
-from ..errors import ApiError
-from ..errors_core import EngineError, InvalidImageInput, RequestTimeoutError
-from ..images import decode_image
-from ..schemas import ErrorEnvelope, PredictForm, PredictRequest, PredictResponse
-from ._common import get_state, media_type, parse_multipart
+from server.api.auth import require_api_key
+from server.api.errors import ApiError
+from server.api.routes._common import get_state, media_type, parse_multipart
+from server.api.schemas import ErrorEnvelope, PredictForm, PredictRequest, PredictResponse
+from server.core.errors import EngineError, InvalidImageInput, RequestTimeoutError
+from server.core.images import decode_image
 
 router = APIRouter(tags=["predict"])
 

@@ -26,9 +26,8 @@ from fmlora.export.onnx import OnnxSpec, adapter_feeds, export_onnx, prompt_indi
 from fmlora.model.model import FMLoRAModel
 from fmlora.model.prompts import PromptChoice
 from fmlora.model.snapshot import Snapshot, check_compatible
-
-from .errors_core import InferenceError
-from .versions import VersionEntry
+from server.core.errors import InferenceError
+from server.core.versions import VersionEntry
 
 __all__ = ["OnnxBackend", "onnx_available"]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 __all__ = ["RegistryWatcher"]
 
-log = logging.getLogger("fmlora.server.watcher")
+log = logging.getLogger("fmlora.server.core.watcher")
 
 
 class RegistryWatcher:

@@ -42,8 +42,7 @@ from fmlora.errors import (
     VersionNotFoundError,
     VersionStateError,
 )
-
-from .errors_core import EngineError
+from server.core.errors import EngineError
 
 __all__ = [
     "INTERNAL_ERROR_MESSAGE",

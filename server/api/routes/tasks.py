@@ -12,11 +12,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from fmlora.registry.intake import IntakeLimits, submit
-
-from ..auth import require_admin, require_api_key
-from ..errors import ApiError
-from ..schemas import ErrorEnvelope, TaskAccepted, TaskList, TaskOut, TaskStatus
-from ._common import get_state, media_type, parse_multipart
+from server.api.auth import require_admin, require_api_key
+from server.api.errors import ApiError
+from server.api.routes._common import get_state, media_type, parse_multipart
+from server.api.schemas import ErrorEnvelope, TaskAccepted, TaskList, TaskOut, TaskStatus
 
 log = logging.getLogger("fmlora.server")
 

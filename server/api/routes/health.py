@@ -7,12 +7,11 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from fmlora._version import __version__
-
-from ..auth import require_api_key
-from ..errors import ApiError
-from ..metrics import CONTENT_TYPE
-from ..schemas import ErrorEnvelope, HealthResponse, InfoResponse, ReadyResponse
-from ._common import get_state
+from server.api.auth import require_api_key
+from server.api.errors import ApiError
+from server.api.metrics import CONTENT_TYPE
+from server.api.routes._common import get_state
+from server.api.schemas import ErrorEnvelope, HealthResponse, InfoResponse, ReadyResponse
 
 router = APIRouter(tags=["health"])
 

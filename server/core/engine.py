@@ -38,9 +38,8 @@ from fmlora.errors import FmloraError, UnknownTaskError, VersionNotFoundError
 from fmlora.model.model import FMLoRAModel, TaskRecord
 from fmlora.model.prompts import PromptChoice
 from fmlora.model.snapshot import Snapshot, check_compatible
-
-from .batcher import MicroBatcher
-from .errors_core import (
+from server.core.batcher import MicroBatcher
+from server.core.errors import (
     InferenceError,
     InvalidImageInput,
     InvalidRequestError,
@@ -49,9 +48,9 @@ from .errors_core import (
     RequestTimeoutError,
     VersionUnavailableError,
 )
-from .images import as_rgb_array, resize_for_model
-from .versions import KnownBadVersionError, SnapshotWarmupError, VersionCache, VersionEntry
-from .watcher import RegistryWatcher
+from server.core.images import as_rgb_array, resize_for_model
+from server.core.versions import KnownBadVersionError, SnapshotWarmupError, VersionCache, VersionEntry
+from server.core.watcher import RegistryWatcher
 
 __all__ = [
     "Engine",
@@ -65,7 +64,7 @@ __all__ = [
     "resolve_dtype",
 ]
 
-log = logging.getLogger("fmlora.server.engine")
+log = logging.getLogger("fmlora.server.core.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -318,7 +317,7 @@ class Engine:
         if model.config != self.registry.model_config:
             raise ValueError("the model given to the engine was built for another ModelConfig than the registry's")
         if cfg.backend == "onnx":
-            from .onnx_engine import OnnxBackend
+            from server.core.onnx_engine import OnnxBackend
 
             self._backend = OnnxBackend(model, merge=cfg.merge_adapters, cache_dir=cfg.onnx_dir)
         else:
