@@ -1,6 +1,6 @@
 """Typed, frozen configuration for the backbone, the adapter, the rank selector and the prompts.
 
-Every design choice that is ours rather than the paper's (see DESIGN.md §1) is a field here, so that
+Every design choice that is ours rather than the paper's (see ARCHITECTURE.md §2) is a field here, so that
 ablations can switch it off and measure it.
 """
 

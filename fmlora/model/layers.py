@@ -1,4 +1,4 @@
-"""F-LoRA: low-rank updates in one shared subspace with per-task r x r factors (DESIGN.md §1).
+"""F-LoRA: low-rank updates in one shared subspace with per-task r x r factors (ARCHITECTURE.md §2).
 
     y = W0 x + s * B (C + M_t diag(g_t) N_t) A x
 

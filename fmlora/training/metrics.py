@@ -1,4 +1,4 @@
-"""Continual-learning metrics over an accuracy matrix (DESIGN.md §1, "Metrics").
+"""Continual-learning metrics over an accuracy matrix (ARCHITECTURE.md §2, "Metrics").
 
 A[t][j] is the accuracy on task j's test data after training task t (entries with j > t unused).
 """

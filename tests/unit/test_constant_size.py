@@ -1,4 +1,4 @@
-"""The adapter never grows with the number of tasks (DESIGN.md §1)."""
+"""The adapter never grows with the number of tasks (ARCHITECTURE.md §2)."""
 
 import torch
 
