@@ -134,7 +134,14 @@ BENCHMARKS: dict[str, Benchmark] = {
             _paper(name),
             _PAPER_TASKS[name],
             _paper_backbone,
-            TrainConfig(epochs=epochs, batch_size=128, lr=5e-4, autocast_dtype="bfloat16"),
+            TrainConfig(
+                epochs=epochs,
+                batch_size=128,
+                lr=5e-4,
+                autocast_dtype="bfloat16",
+                augment=True,
+                loader_workers=8,
+            ),
             AdapterConfig(rank=10, alpha=10),
             needs_data=True,
         )

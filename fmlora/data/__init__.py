@@ -17,6 +17,7 @@ from .glyphs import (
     render_pretraining_set,
 )
 from .images import ConcatImages, FileImageSet, ImageSet, ImageSource, TaskData, batches, concat_sources
+from .loader import LoaderConfig, image_batches, train_transform
 from .synthetic import make_synthetic_stream
 
 __all__ = [
@@ -29,8 +30,10 @@ __all__ = [
     "GlyphSampler",
     "ImageSet",
     "ImageSource",
+    "LoaderConfig",
     "TaskData",
     "batches",
+    "image_batches",
     "concat_sources",
     "font_directory",
     "load_cifar100",
@@ -41,5 +44,6 @@ __all__ = [
     "make_synthetic_stream",
     "pretraining_characters",
     "render_pretraining_set",
+    "train_transform",
     "write_task_archive",
 ]

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from fmlora.data.images import ImageSource, TaskData, batches
+from fmlora.data.images import ImageSource, TaskData
+from fmlora.data.loader import LoaderConfig, image_batches
 from fmlora.model.model import FMLoRAModel, TaskRecord
 from fmlora.model.rank_selector import task_complexity, task_novelty
 
@@ -55,21 +56,40 @@ def _autocast(config: TrainConfig, device: torch.device) -> Any:
     return torch.autocast(device_type=device.type, dtype=getattr(torch, config.autocast_dtype))
 
 
+def _reader(config: TrainConfig, device: torch.device, augment: bool = False) -> LoaderConfig:
+    return LoaderConfig(
+        workers=config.loader_workers,
+        prefetch=config.prefetch_batches,
+        augment=augment,
+        pin_memory=device.type == "cuda",
+    )
+
+
 @torch.no_grad()
 def _collect(
-    model: FMLoRAModel, data: ImageSource, batch_size: int, fn: Callable[[torch.Tensor], torch.Tensor]
+    model: FMLoRAModel,
+    data: ImageSource,
+    batch_size: int,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    workers: int = 0,
 ) -> torch.Tensor:
-    out = [fn(model.preprocessor(x).to(model.device)).float().cpu() for x, _ in batches(data, batch_size)]
+    loader = LoaderConfig(workers=workers)
+    out = [
+        fn(model.preprocessor(x).to(model.device)).float().cpu()
+        for x, _ in image_batches(data, batch_size, loader=loader)
+    ]
     return torch.cat(out)
 
 
 @torch.no_grad()
-def evaluate(model: FMLoRAModel, data: ImageSource, prompts: Any = "auto", batch_size: int = 128) -> float:
+def evaluate(
+    model: FMLoRAModel, data: ImageSource, prompts: Any = "auto", batch_size: int = 128, workers: int = 0
+) -> float:
     """Top-1 accuracy over all classes the model knows (no task id given)."""
     model.eval()
     head_index = torch.tensor([model.head.index_of(c) for c in data.classes], dtype=torch.long)
     correct = 0
-    for x, y in batches(data, batch_size):
+    for x, y in image_batches(data, batch_size, loader=LoaderConfig(workers=workers)):
         logits = model(model.preprocessor(x).to(model.device), prompts)
         correct += int((logits.argmax(dim=-1).cpu() == head_index[y]).sum())
     return correct / len(data)
@@ -90,7 +110,7 @@ class Learner:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + len(model.tasks))
 
         model.eval()
-        features = _collect(model, task.train, cfg.eval_batch_size, model.backbone_features)
+        features = _collect(model, task.train, cfg.eval_batch_size, model.backbone_features, cfg.loader_workers)
         complexity = task_complexity(features)
         novelty = task_novelty(features.mean(0), model.task_feature_means.cpu())
         model.begin_task(task.name, task.kind, task.classes, complexity, novelty, generator=generator)
@@ -137,7 +157,14 @@ class Learner:
         try:
             for epoch in range(cfg.epochs):
                 model.train()
-                for images, labels in batches(task.train, cfg.batch_size, shuffle=True, generator=generator):
+                for images, labels in image_batches(
+                    task.train,
+                    cfg.batch_size,
+                    loader=_reader(cfg, device, augment=cfg.augment),
+                    data_config=model.preprocessor.data_config,
+                    shuffle=True,
+                    generator=generator,
+                ):
                     model.rank_selector.anneal(step / max(1, total - 1))
                     x = model.preprocessor(images).to(device)
                     with _autocast(cfg, device):
@@ -164,7 +191,9 @@ class Learner:
         task_key = None
         if model.prompt_bank is not None:
             # In eval mode the hard-gated live factors give the same outputs as the folded core.
-            queries = _collect(model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).query)
+            queries = _collect(
+                model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).query, cfg.loader_workers
+            )
             task_key = queries.mean(0)
         record = model.end_task(features.mean(0), task_key)
         return TaskReport(
@@ -203,7 +232,10 @@ class Learner:
             report = self.learn_task(model, task, progress)
             reports.append(report)
             seen = tasks[: t + 1]
-            row = [evaluate(model, s.test, batch_size=self.config.eval_batch_size) for s in seen]
+            row = [
+                evaluate(model, s.test, batch_size=self.config.eval_batch_size, workers=self.config.loader_workers)
+                for s in seen
+            ]
             matrix.add_row(row, [len(s.test) for s in seen])
             if on_task_end is not None:
                 on_task_end(t, report, matrix)

@@ -80,3 +80,15 @@ def test_file_image_set_decodes_resizes_and_concatenates(tmp_path):
 
     with pytest.raises(DataError, match="cannot decode"):
         broken.fetch(torch.tensor([0]))
+
+
+def test_augmented_training_through_decode_workers_is_deterministic_and_differs_from_plain():
+    task = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=6, test_per_class=2)[0]
+    outs = []
+    for augment in (True, True, False):
+        torch.manual_seed(0)
+        model = FMLoRAModel(tiny_config())
+        Learner(_cfg(seed=3, augment=augment, loader_workers=1)).learn_task(model, task)
+        outs.append(model.adapter_tensors())
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert not all(torch.equal(outs[0][k], outs[2][k]) for k in outs[0])
