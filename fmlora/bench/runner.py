@@ -30,9 +30,11 @@ from fmlora.training.learner import Learner, evaluate
 from fmlora.training.pretrain import pretrain_backbone
 from fmlora.training.strategies import STRATEGIES, apply_strategy
 
+from .baselines import BASELINES, run_baseline
+
 __all__ = ["BENCHMARKS", "METHODS", "BenchSpec", "run_benchmark", "summary_markdown"]
 
-METHODS = (*STRATEGIES, "joint")
+METHODS = (*STRATEGIES, "joint", *BASELINES)
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,8 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
             started = time.perf_counter()
             if method == "joint":
                 measured = _run_joint(config, tasks, learner)
+            elif method in BASELINES:
+                measured = run_baseline(method, config, tasks, learner.config, seed)
             else:
                 measured = _run_sequential(method, config, tasks, learner)
             results.append(
@@ -258,6 +262,7 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
                     "backbone_sha256": fingerprint,
                     "kind": tasks[0].kind,
                     "protocol": "joint" if method == "joint" else "sequential",
+                    "training_free": method in BASELINES,
                     "task_names": [t.name for t in tasks],
                     "task_classes": [list(t.classes) for t in tasks],
                     **measured,

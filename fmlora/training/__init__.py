@@ -5,21 +5,28 @@ May import ``fmlora.model`` and ``fmlora.data``.
 """
 
 from .config import TrainConfig
-from .learner import Learner, TaskReport, TrainingProgress, evaluate
+from .learner import Learner, TaskReport, TrainingProgress, collect_features, evaluate
 from .metrics import AccuracyMatrix
 from .pretrain import BatchSampler, linear_probe, pretrain_backbone
+from .statistics import ClassStatistics, RandomFeatures, RidgeSolution, held_out_split, ncm_logits
 from .strategies import STRATEGIES, apply_strategy
 
 __all__ = [
     "STRATEGIES",
     "AccuracyMatrix",
     "BatchSampler",
+    "ClassStatistics",
     "Learner",
+    "RandomFeatures",
+    "RidgeSolution",
     "TaskReport",
     "TrainConfig",
     "TrainingProgress",
     "apply_strategy",
+    "collect_features",
     "evaluate",
+    "held_out_split",
     "linear_probe",
+    "ncm_logits",
     "pretrain_backbone",
 ]

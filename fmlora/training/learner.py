@@ -22,7 +22,7 @@ from fmlora.model.rank_selector import task_complexity, task_novelty
 from .config import TrainConfig
 from .metrics import AccuracyMatrix
 
-__all__ = ["Learner", "TaskReport", "TrainingProgress", "evaluate"]
+__all__ = ["Learner", "TaskReport", "TrainingProgress", "collect_features", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _reader(config: TrainConfig, device: torch.device, augment: bool = False) ->
 
 
 @torch.no_grad()
-def _collect(
+def collect_features(
     model: FMLoRAModel,
     data: ImageSource,
     batch_size: int,
@@ -110,7 +110,7 @@ class Learner:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + len(model.tasks))
 
         model.eval()
-        features = _collect(model, task.train, cfg.eval_batch_size, model.backbone_features, cfg.loader_workers)
+        features = collect_features(model, task.train, cfg.eval_batch_size, model.backbone_features, cfg.loader_workers)
         complexity = task_complexity(features)
         novelty = task_novelty(features.mean(0), model.task_feature_means.cpu())
         model.begin_task(task.name, task.kind, task.classes, complexity, novelty, generator=generator)
@@ -191,7 +191,7 @@ class Learner:
         task_key = None
         if model.prompt_bank is not None:
             # In eval mode the hard-gated live factors give the same outputs as the folded core.
-            queries = _collect(
+            queries = collect_features(
                 model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).query, cfg.loader_workers
             )
             task_key = queries.mean(0)

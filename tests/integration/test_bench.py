@@ -93,3 +93,20 @@ def test_backbone_override_keeps_what_still_applies():
     assert retrained.weights_path == Path("runs/pretrain/x.safetensors")
     hub = override_backbone(glyph, "vit_small_patch16_224", "random")
     assert hub.model_kwargs == {} and hub.input_norm == "timm" and hub.weights == "random"
+
+
+def test_training_free_baselines_run_on_class_and_domain_streams(tmp_path):
+    from fmlora.bench import BenchSpec, run_benchmark
+    from tests.conftest import TINY_RANDOM
+
+    for benchmark in ("glyphs", "glyphs-dil"):
+        spec = BenchSpec(benchmark, ("ncm", "ranpac"), (0,), tmp_path / benchmark, num_tasks=2, backbone=TINY_RANDOM)
+        ncm, ranpac = run_benchmark(spec)
+        for row in (ncm, ranpac):
+            assert row["training_free"] and row["trainable_params_per_task"] == [0, 0]
+            assert len(row["accuracy_matrix"]) == 2 and all(0 <= a <= 1 for r in row["accuracy_matrix"] for a in r)
+        # Statistics grow per class: the heads cover every class seen, whatever the image count.
+        classes = len({c for task in ncm["task_classes"] for c in task})
+        assert ncm["head_bytes"] == classes * 64 * 4 and ranpac["head_bytes"] == classes * 2000 * 4
+        assert len(ranpac["relative_lambdas"]) == 2
+        assert "| ncm |" in (tmp_path / benchmark / "summary.md").read_text()

@@ -1,0 +1,181 @@
+"""Class statistics and the classifier solved from them, without keeping a single image.
+
+Per class: the count and the feature sum (so the mean). Shared: the Gram matrix ``G = Σ h hᵀ`` and
+``Q = Σ h yᵀ`` of the random features ``h = ReLU(P f)`` of every training image seen so far (RanPAC's
+ridge head). They grow with the number of classes (Q gains a column per class, the means a row),
+never with the number of images, and they add up across tasks: a domain-incremental task adds to its
+classes' columns. ``P`` is regenerated from a seed, never stored.
+
+The ridge weights are ``W = (G + λI)⁻¹ Q``. λ is chosen on held-out *training* data: the statistics
+of the task's training images minus a held-out fifth are solved for each candidate λ and scored on
+that fifth (over every class seen so far), then the whole task is added. Sums are kept in float64,
+so accumulation over many tasks does not lose precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fmlora.errors import DataError
+
+__all__ = [
+    "ClassStatistics",
+    "RandomFeatures",
+    "RidgeSolution",
+    "held_out_split",
+    "ncm_logits",
+]
+
+# Candidate ridge strengths, relative to the mean diagonal of G (so they mean the same for any
+# feature scale or image count).
+RELATIVE_LAMBDAS: tuple[float, ...] = tuple(10.0**k for k in range(-6, 3))
+
+
+class RandomFeatures:
+    """``h = ReLU(P f)`` with ``P`` (dim x in_features) drawn from N(0, 1) by a seeded generator."""
+
+    def __init__(self, in_features: int, dim: int, seed: int) -> None:
+        if dim < 1 or in_features < 1:
+            raise DataError("random features need positive sizes")
+        self.in_features, self.dim, self.seed = in_features, dim, seed
+        generator = torch.Generator().manual_seed(seed)
+        self.projection = torch.randn(dim, in_features, generator=generator)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.relu(features.float() @ self.projection.T.to(features.device))
+
+
+def held_out_split(labels: torch.Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, a seeded ``fraction`` of the indices (at least one when a class has two or more)."""
+    generator = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        n_held = max(1, round(fraction * len(idx))) if len(idx) > 1 else 0
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return torch.cat(keep).sort().values, torch.cat(held).sort().values
+
+
+@dataclass(frozen=True)
+class RidgeSolution:
+    weight: torch.Tensor  # (dim, classes), float32
+    relative_lambda: float
+    held_out_accuracy: float | None
+
+
+def ncm_logits(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each feature to each class mean (nearest class mean)."""
+    f = torch.nn.functional.normalize(features.double(), dim=-1)
+    m = torch.nn.functional.normalize(means.double(), dim=-1)
+    return (f @ m.T).float()
+
+
+class ClassStatistics:
+    """Running per-class and shared statistics of features and their random projection."""
+
+    def __init__(self, in_features: int, random_features: RandomFeatures | None = None) -> None:
+        self.in_features = in_features
+        self.random_features = random_features
+        dim = random_features.dim if random_features is not None else in_features
+        self.labels: list[str] = []
+        self.counts = torch.zeros(0, dtype=torch.float64)
+        self.sums = torch.zeros(0, in_features, dtype=torch.float64)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64)
+        self.cross = torch.zeros(dim, 0, dtype=torch.float64)
+
+    @property
+    def dim(self) -> int:
+        return int(self.gram.shape[0])
+
+    @property
+    def means(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp_min(1).unsqueeze(1)
+
+    def _lift(self, features: torch.Tensor) -> torch.Tensor:
+        f = features.float()
+        return (self.random_features(f) if self.random_features is not None else f).double()
+
+    def _columns(self, classes: Sequence[str]) -> torch.Tensor:
+        new = [c for c in dict.fromkeys(classes) if c not in self.labels]
+        if new:
+            self.labels.extend(new)
+            self.counts = torch.cat([self.counts, torch.zeros(len(new), dtype=torch.float64)])
+            self.sums = torch.cat([self.sums, torch.zeros(len(new), self.in_features, dtype=torch.float64)])
+            self.cross = torch.cat([self.cross, torch.zeros(self.dim, len(new), dtype=torch.float64)], dim=1)
+        position = {c: i for i, c in enumerate(self.labels)}
+        return torch.tensor([position[c] for c in classes], dtype=torch.long)
+
+    def contributions(
+        self, features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(class columns, Gram, per-image lifted features, one-hot targets) of a batch, not added."""
+        if features.ndim != 2 or features.shape[1] != self.in_features or len(features) != len(labels):
+            raise DataError(f"expected ({len(labels)}, {self.in_features}) features, got {tuple(features.shape)}")
+        if not torch.isfinite(features).all():
+            raise DataError("features must be finite")
+        columns = self._columns(classes)[labels]
+        h = self._lift(features)
+        return columns, h.T @ h, h, torch.nn.functional.one_hot(columns, len(self.labels)).double()
+
+    def add(self, features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
+        """Add a batch: ``labels`` index into ``classes`` (the batch's own class list)."""
+        columns, gram, h, y = self.contributions(features, labels, classes)
+        self.gram += gram
+        self.cross += h.T @ y
+        self.counts.index_add_(0, columns, torch.ones(len(columns), dtype=torch.float64))
+        self.sums.index_add_(0, columns, features.double())
+
+    def solve(self, relative_lambda: float) -> torch.Tensor:
+        """Ridge weights (dim, classes) for λ = ``relative_lambda`` x the mean diagonal of G."""
+        scale = float(self.gram.diagonal().mean()) or 1.0
+        lam = relative_lambda * scale
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        weight = torch.linalg.solve(self.gram + lam * eye, self.cross)
+        if not torch.isfinite(weight).all():
+            raise DataError("the ridge solve did not give finite weights")
+        return weight.float()
+
+    def logits(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return (self._lift(features).float() @ weight).float()
+
+    def add_task(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        classes: Sequence[str],
+        *,
+        seed: int = 0,
+        candidates: Sequence[float] = RELATIVE_LAMBDAS,
+    ) -> RidgeSolution:
+        """Add one task's training features and solve, with λ chosen on a held-out fifth of them."""
+        keep, held = held_out_split(labels, seed=seed)
+        best: tuple[float, float] | None = None
+        if len(held) > 0 and len(candidates) > 1:
+            trial = self.copy()
+            trial.add(features[keep], labels[keep], classes)
+            target = trial._columns(classes)[labels[held]]
+            # One eigendecomposition serves every candidate: W(λ) = V diag(1 / (s + λ)) Vᵀ Q.
+            values, vectors = torch.linalg.eigh(trial.gram)
+            projected = vectors.T @ trial.cross
+            h_held = trial._lift(features[held]) @ vectors
+            scale = float(trial.gram.diagonal().mean()) or 1.0
+            for lam in candidates:
+                scores = h_held @ (projected / (values.clamp_min(0) + lam * scale).unsqueeze(1))
+                accuracy = float((scores.argmax(dim=1) == target).double().mean())
+                if best is None or accuracy > best[1]:
+                    best = (lam, accuracy)
+        self.add(features, labels, classes)
+        lam = best[0] if best is not None else candidates[len(candidates) // 2]
+        return RidgeSolution(self.solve(lam), lam, best[1] if best is not None else None)
+
+    def copy(self) -> ClassStatistics:
+        other = ClassStatistics(self.in_features, self.random_features)
+        other.labels = list(self.labels)
+        other.counts, other.sums = self.counts.clone(), self.sums.clone()
+        other.gram, other.cross = self.gram.clone(), self.cross.clone()
+        return other

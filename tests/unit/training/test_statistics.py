@@ -1,0 +1,82 @@
+"""Class statistics and the ridge head solved from them (fmlora.training.statistics)."""
+
+import pytest
+import torch
+
+from fmlora.errors import DataError
+from fmlora.training import ClassStatistics, RandomFeatures, held_out_split, ncm_logits
+
+
+def _blobs(classes: int, per_class: int, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * 3
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return centres[labels] + torch.randn(len(labels), dim, generator=g), labels
+
+
+def test_statistics_add_up_across_batches_like_one_pass():
+    x, y = _blobs(4, 10)
+    rf = RandomFeatures(8, 32, seed=1)
+    once, twice = ClassStatistics(8, rf), ClassStatistics(8, rf)
+    once.add(x, y, ["a", "b", "c", "d"])
+    twice.add(x[:17], y[:17], ["a", "b", "c", "d"])
+    twice.add(x[17:], y[17:], ["a", "b", "c", "d"])
+    assert once.labels == twice.labels == ["a", "b", "c", "d"]
+    assert torch.allclose(once.gram, twice.gram) and torch.allclose(once.cross, twice.cross)
+    assert torch.allclose(once.means, twice.means) and once.counts.tolist() == [10.0] * 4
+
+
+def test_ridge_weights_are_the_closed_form_solution():
+    x, y = _blobs(3, 12)
+    stats = ClassStatistics(8)
+    stats.add(x, y, ["a", "b", "c"])
+    weight = stats.solve(0.1)
+    h = x.double()
+    lam = 0.1 * float((h.T @ h).diagonal().mean())
+    expected = torch.linalg.solve(h.T @ h + lam * torch.eye(8, dtype=torch.float64), h.T @ torch.eye(3)[y].double())
+    assert torch.allclose(weight, expected.float(), atol=1e-5)
+
+
+def test_classes_grow_per_class_never_per_image_and_a_task_can_reuse_classes():
+    x, y = _blobs(4, 20)
+    stats = ClassStatistics(8, RandomFeatures(8, 16, seed=0))
+    stats.add_task(x[:40], y[:40], ["a", "b"])
+    size_after_first = (stats.gram.numel(), stats.cross.numel(), stats.sums.numel())
+    stats.add_task(x[40:], y[40:] - 2, ["c", "d"])
+    assert stats.labels == ["a", "b", "c", "d"]
+    assert stats.gram.numel() == size_after_first[0] and stats.cross.numel() == 2 * size_after_first[1]
+    # A domain-style task adds more images to known classes: nothing grows.
+    before = (stats.gram.numel(), stats.cross.numel(), stats.sums.numel())
+    stats.add_task(x[:40] + 0.1, y[:40], ["a", "b"])
+    assert (stats.gram.numel(), stats.cross.numel(), stats.sums.numel()) == before
+    assert stats.counts.tolist() == [40.0, 40.0, 20.0, 20.0]
+
+
+def test_the_solved_head_separates_classes_and_lambda_is_chosen_on_training_data_only():
+    x, y = _blobs(5, 30)
+    stats = ClassStatistics(8, RandomFeatures(8, 64, seed=2))
+    solution = stats.add_task(x, y, ["a", "b", "c", "d", "e"], seed=0)
+    assert solution.held_out_accuracy is not None and solution.held_out_accuracy > 0.9
+    assert (stats.logits(x, solution.weight).argmax(1) == y).double().mean() > 0.95
+
+
+def test_held_out_split_is_per_class_disjoint_and_seeded():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2])
+    keep, held = held_out_split(labels, seed=3)
+    assert set(keep.tolist()).isdisjoint(held.tolist()) and len(keep) + len(held) == 16
+    assert [int((labels[held] == c).sum()) for c in range(3)] == [2, 1, 0]  # a lone image is never held out
+    assert torch.equal(held, held_out_split(labels, seed=3)[1])
+
+
+def test_ncm_is_cosine_to_class_means():
+    means = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    scores = ncm_logits(torch.tensor([[2.0, 0.1], [0.1, 5.0]]), means)
+    assert scores.argmax(1).tolist() == [0, 1] and float(scores.max()) <= 1.0 + 1e-6
+
+
+def test_bad_features_are_refused():
+    stats = ClassStatistics(4)
+    with pytest.raises(DataError, match="finite"):
+        stats.add(torch.tensor([[float("nan"), 0, 0, 0]]), torch.tensor([0]), ["a"])
+    with pytest.raises(DataError, match="expected"):
+        stats.add(torch.zeros(2, 3), torch.tensor([0, 0]), ["a"])
