@@ -187,10 +187,27 @@ def _run_sequential(method: str, config: ModelConfig, tasks: list[TaskData], lea
     matrix, reports = learner.learn_stream(model, tasks, on_task_end=measure)
     return {
         **matrix.summary(),
+        "prompt_modes": _prompt_modes(model, tasks, learner) if model.prompt_bank is not None else None,
         "trainable_params_per_task": [r.trainable_parameters for r in reports],
         "adapter_bytes_per_task": adapter_bytes,
         "ranks": [r.task.rank for r in reports],
         "task_complexity": [round(r.task.complexity, 4) for r in reports],
+    }
+
+
+def _prompt_modes(model: FMLoRAModel, tasks: list[TaskData], learner: Learner) -> dict[str, float]:
+    """Final accuracy with each per-request meta-prompt mode: ``auto`` (the default), ``none``, and
+    ``task`` (every test image told its own task: an oracle that bounds what routing could give)."""
+    sizes = [len(t.test) for t in tasks]
+    batch = learner.config.eval_batch_size
+
+    def mean(accuracies: list[float]) -> float:
+        return sum(a * n for a, n in zip(accuracies, sizes, strict=True)) / sum(sizes)
+
+    return {
+        "auto": mean([evaluate(model, t.test, "auto", batch) for t in tasks]),
+        "none": mean([evaluate(model, t.test, "none", batch) for t in tasks]),
+        "task": mean([evaluate(model, t.test, {"task": t.name}, batch) for t in tasks]),
     }
 
 
@@ -310,4 +327,21 @@ def summary_markdown(results: list[dict[str, Any]]) -> str:
             f"{_mean_std([r['forgetting'] for r in rows])} | {len(rows)} | "
             f"{statistics.fmean(r['seconds'] for r in rows):.0f} |"
         )
+    prompted = [m for m in dict.fromkeys(r["method"] for r in results) if _has_prompt_modes(results, m)]
+    if prompted:
+        lines += [
+            "",
+            "Final accuracy by per-request meta-prompt mode (`task`: each image told its own task, an oracle):",
+            "",
+            "| method | auto | none | task |",
+            "|---|---|---|---|",
+        ]
+        for method in prompted:
+            rows = [r["prompt_modes"] for r in results if r["method"] == method]
+            cells = " | ".join(_mean_std([m[mode] for m in rows]) for mode in ("auto", "none", "task"))
+            lines.append(f"| {method} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def _has_prompt_modes(results: list[dict[str, Any]], method: str) -> bool:
+    return all(r.get("prompt_modes") for r in results if r["method"] == method)

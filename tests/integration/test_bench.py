@@ -46,8 +46,11 @@ def test_bench_cli_writes_results_summary_and_plots(tmp_path):
     fm = rows[0]
     assert len(fm["accuracy_matrix"]) == 2 and len(set(fm["adapter_bytes_per_task"])) == 1
     assert rows[2]["forgetting"] is None and len(rows[2]["accuracy_matrix"]) == 1
+    modes = fm["prompt_modes"]
+    assert set(modes) == {"auto", "none", "task"} and all(0 <= v <= 1 for v in modes.values())
+    assert modes["auto"] == fm["final_accuracy"] and rows[1]["prompt_modes"] is None  # seq-lora has no prompts
     summary = (out / "summary.md").read_text()
-    assert "| fmlora |" in summary and "| joint |" in summary
+    assert "| fmlora |" in summary and "| joint |" in summary and "| method | auto | none | task |" in summary
     for name in ("matrix-fmlora.png", "matrix-seq-lora.png", "matrix-joint.png", "accuracy-vs-tasks.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
