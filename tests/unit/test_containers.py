@@ -32,6 +32,21 @@ COMPOSE = ROOT / "compose.yaml"
 SERVE_CMD = ["fmlora", "serve", "--host", "0.0.0.0", "--port", "8000", "--home", "/data", "--no-worker"]
 WORKER_CMD = ["fmlora", "worker", "--home", "/data"]
 HOME_VOLUME = "fmlora-home"
+# The scale profile runs what deploy/k8s runs: the same commands and the same backend variables.
+SCALE_SERVE_CMD = ["fmlora", "serve", "--no-worker", "--host", "0.0.0.0", "--port", "8000"]
+SCALE_WORKER_CMD = ["fmlora", "worker"]
+BACKEND_VARIABLES = {
+    "FMLORA_REGISTRY_URL",
+    "FMLORA_STORE_URL",
+    "FMLORA_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+}
+# Settings that issue 15 adds to the server and `fmlora worker` (registry and store backends). Until they
+# are fields of Settings and options of the worker, they are accepted by name here.
+SCALE_OUT_SETTINGS = {"FMLORA_REGISTRY_URL", "FMLORA_STORE_URL", "FMLORA_S3_ENDPOINT_URL"}
+# Standard variables of the AWS clients, not fmlora settings.
+AWS_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -571,6 +586,20 @@ def _is_server(service: dict[str, Any]) -> bool:
     return service.get("command", [])[:2] == ["fmlora", "serve"]
 
 
+def _is_fmlora(service: dict[str, Any]) -> bool:
+    """Runs this project's image (PostgreSQL and MinIO in the scale profile do not)."""
+    return service.get("command", [""])[0] == "fmlora"
+
+
+def _on_sqlite(service: dict[str, Any]) -> bool:
+    """An fmlora service on the embedded registry, the FMLORA_HOME volume (not the scale profile)."""
+    return _is_fmlora(service) and "FMLORA_REGISTRY_URL" not in _env(service)
+
+
+def _fmlora_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in compose["services"].items() if _is_fmlora(s)}
+
+
 def _seconds(duration: str) -> float:
     units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration))
@@ -589,6 +618,12 @@ def test_compose_keys_are_in_the_specification(compose, resolved):
     for name, service in resolved["services"].items():
         assert set(service) <= SERVICE_KEYS, (name, set(service) - SERVICE_KEYS)
         assert set(service.get("healthcheck", {})) <= HEALTHCHECK_KEYS, name
+        if not _is_fmlora(service):
+            # Third-party images are pinned to a release, never a moving tag.
+            image = service["image"]
+            assert "build" not in service and re.fullmatch(r"[\w./-]+:[\w.-]*\d[\w.-]*", image), f"{name}: {image}"
+            assert not image.endswith((":latest", ":edge")), name
+            continue
         assert "image" in service and "build" in service, f"{name}: built from this Dockerfile"
         assert service["build"]["context"] == "." and service["build"].get("dockerfile", "Dockerfile") == "Dockerfile"
         for port in service.get("ports", []):
@@ -622,6 +657,8 @@ def test_server_and_worker_share_one_registry_volume(resolved):
     assert {"server", "worker"} <= set(services)
     assert HOME_VOLUME in resolved["volumes"]
     for name, service in services.items():
+        if not _on_sqlite(service):
+            continue
         assert f"{HOME_VOLUME}:/data" in service["volumes"], f"{name} mounts the registry"
         assert _env(service)["FMLORA_HOME"] == "/data"
         command = service["command"]
@@ -643,7 +680,7 @@ def test_grace_periods_cover_the_shutdown_drain(resolved):
     import server.api.settings as settings
 
     drain = settings.Settings.model_fields["shutdown_timeout_s"].default
-    for name, service in resolved["services"].items():
+    for name, service in _fmlora_services(resolved).items():
         grace = _seconds(service["stop_grace_period"])
         assert grace > (drain if _is_server(service) else 0), name
 
@@ -666,7 +703,7 @@ def test_gpu_profile_reserves_an_nvidia_gpu(resolved):
         assert service["image"].endswith("-cuda")
         env = _env(service)
         assert env["FMLORA_DEVICE" if _is_server(service) else "FMLORA_WORKER_DEVICE"] == "cuda", name
-    for name, service in resolved["services"].items():
+    for name, service in _fmlora_services(resolved).items():
         if "gpu" not in _profiles(service):
             assert "deploy" not in service or "resources" not in service["deploy"], f"{name} needs no GPU"
             assert service["build"]["args"]["TARGET"] == "cpu"
@@ -696,6 +733,101 @@ def test_published_ports_bind_loopback_only(resolved):
         for port in service.get("ports", []):
             host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
             assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond this machine"
+
+
+def test_scale_profile_runs_postgres_minio_two_servers_and_a_worker(resolved):
+    scale = _by_profile(resolved, "scale")
+    servers = {n: s for n, s in scale.items() if _is_server(s)}
+    workers = {n: s for n, s in scale.items() if s.get("command") == SCALE_WORKER_CMD}
+    assert len(servers) == 1 and len(workers) == 1
+    (server,) = servers.values()
+    assert server["command"] == SCALE_SERVE_CMD
+    assert server["deploy"]["replicas"] == 2
+    for port in server["ports"]:
+        assert isinstance(port, dict) and "published" not in port, "replicas take ephemeral host ports"
+    assert "/readyz" in " ".join(server["healthcheck"]["test"])
+    images = {n: s["image"].split(":")[0] for n, s in scale.items() if not _is_fmlora(s)}
+    assert set(images.values()) == {"postgres", "minio/minio"}
+    for name in images:
+        assert resolved["services"][name].get("ports") is None, f"{name} publishes no port"
+
+
+def test_scale_services_share_no_files_only_the_registry_and_store(resolved):
+    for name, service in _by_profile(resolved, "scale").items():
+        if not _is_fmlora(service):
+            continue
+        env = _env(service)
+        assert set(env) >= BACKEND_VARIABLES, name
+        assert not any(v.startswith(f"{HOME_VOLUME}:") for v in service.get("volumes", [])), name
+        assert env["FMLORA_HOME"] == "/data" and "--home" not in service["command"]
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert service["depends_on"]["minio-bucket"]["condition"] == "service_completed_successfully"
+    scale = [s for s in _by_profile(resolved, "scale").values() if _is_fmlora(s)]
+    backends = {tuple(sorted((k, _env(s)[k]) for k in BACKEND_VARIABLES)) for s in scale}
+    assert len(backends) == 1, "servers and worker read the same registry and store"
+    worker = next(s for s in scale if not _is_server(s))
+    assert "FMLORA_ADMIN_KEY" not in _env(worker)
+    assert worker["depends_on"]["server-scale"]["condition"] == "service_healthy"
+
+
+def _credentials(url: str) -> tuple[str, str, str, int]:
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    return unquote(parts.username or ""), unquote(parts.password or ""), parts.hostname or "", parts.port or 0
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"FMLORA_DB_PASSWORD": "db-" + "p" * 20, "FMLORA_S3_SECRET_ACCESS_KEY": "s" * 24}]
+)
+def test_scale_profile_is_wired_together(compose, overrides):
+    """The registry URL names the PostgreSQL service, its database, user and password; the store URL the
+    bucket that minio-bucket creates; the S3 endpoint and credentials the MinIO service and its root user.
+    With the defaults and with passwords set in the environment."""
+    from urllib.parse import urlsplit
+
+    services = interpolate(compose, {"FMLORA_ADMIN_KEY": "k" * 32, **overrides})["services"]
+    postgres, minio, bucket = (_env(services[n]) for n in ("postgres", "minio", "minio-bucket"))
+    env = _env(services["server-scale"])
+
+    registry = urlsplit(env["FMLORA_REGISTRY_URL"])
+    user, password, host, port = _credentials(env["FMLORA_REGISTRY_URL"])
+    assert registry.scheme == "postgresql" and host == "postgres" and port == 5432
+    assert (user, password, registry.path.lstrip("/")) == (
+        postgres["POSTGRES_USER"],
+        postgres["POSTGRES_PASSWORD"],
+        postgres["POSTGRES_DB"],
+    )
+    if overrides:
+        assert password == overrides["FMLORA_DB_PASSWORD"]
+    assert services["postgres"]["healthcheck"]["test"][1] == "pg_isready"
+
+    endpoint = urlsplit(env["FMLORA_S3_ENDPOINT_URL"])
+    assert (endpoint.scheme, endpoint.hostname, endpoint.port) == ("http", "minio", 9000)
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+        minio["MINIO_ROOT_USER"],
+        minio["MINIO_ROOT_PASSWORD"],
+    )
+    assert len(minio["MINIO_ROOT_PASSWORD"]) >= 8, "MinIO refuses shorter root passwords"
+    # mc's aliases (MC_HOST_<alias>) carry the same credentials: the health check and the bucket job.
+    assert _credentials(minio["MC_HOST_local"]) == (
+        env["AWS_ACCESS_KEY_ID"],
+        env["AWS_SECRET_ACCESS_KEY"],
+        "127.0.0.1",
+        9000,
+    )
+    assert services["minio"]["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    alias, _, created = services["minio-bucket"]["entrypoint"][-1].partition("/")
+    assert _credentials(bucket[f"MC_HOST_{alias}"]) == (
+        env["AWS_ACCESS_KEY_ID"],
+        env["AWS_SECRET_ACCESS_KEY"],
+        "minio",
+        9000,
+    )
+    store = urlsplit(env["FMLORA_STORE_URL"])
+    assert store.scheme == "s3" and store.hostname == created and store.path.strip("/")
+    assert services["minio-bucket"]["image"] == services["minio"]["image"]
+    assert services["minio-bucket"]["restart"] == "no"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -772,7 +904,7 @@ def test_worker_flags_exist_in_fmlora_worker(full_cli, cli_commands, resolved):
     assert result.exit_code == 0, result.output
     options = _options(cli_commands["worker"])
     for service in resolved["services"].values():
-        if service["command"][:2] == ["fmlora", "worker"]:
+        if service.get("command", [])[:2] == ["fmlora", "worker"]:
             assert set(_flags(service["command"])) <= options
 
 
@@ -783,8 +915,10 @@ def test_every_fmlora_variable_is_a_real_setting(cli_commands, compose):
     worker_vars = {env for p in cli_commands["worker"].params for env in ([p.envvar] if p.envvar else [])}
     worker_vars = {v for e in worker_vars for v in ([e] if isinstance(e, str) else e)}
     assert "FMLORA_WORKER_DEVICE" in worker_vars
-    for name, service in compose["services"].items():
-        known = server_vars if _is_server(service) else worker_vars
+    for name, service in _fmlora_services(compose).items():
+        known = (server_vars if _is_server(service) else worker_vars) | SCALE_OUT_SETTINGS
         for variable in _env(service):
             if variable.startswith("FMLORA_"):
                 assert variable in known, f"{name}: {variable} is not read by `{' '.join(service['command'][:2])}`"
+            else:
+                assert variable in AWS_VARIABLES, f"{name}: {variable}"
