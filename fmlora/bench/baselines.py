@@ -18,11 +18,12 @@ import torch
 
 from fmlora.data.images import ImageSource, TaskData
 from fmlora.model.config import ModelConfig
+from fmlora.model.head import RandomFeatures
 from fmlora.model.model import FMLoRAModel
 from fmlora.training.config import TrainConfig
 from fmlora.training.learner import collect_features
 from fmlora.training.metrics import AccuracyMatrix
-from fmlora.training.statistics import ClassStatistics, RandomFeatures, ncm_logits
+from fmlora.training.statistics import ClassStatistics, ncm_logits
 
 __all__ = ["BASELINES", "RANPAC_DIM", "run_baseline"]
 

@@ -258,6 +258,8 @@ class _Exportable(nn.Module):
                     setattr(parent, child_name, _ExportPrefixAttention(child, state))
             del parent_name
         self.prompts = source.prompt_bank is not None
+        # The ridge head's random projection is a constant of the graph (it never changes per version).
+        self.head_map = source.head.feature_map if source.head.feature_map is not None else nn.Identity()
         if self.prompts:
             bank = source.prompt_bank
             assert bank is not None
@@ -282,7 +284,7 @@ class _Exportable(nn.Module):
         head_weight, head_bias = inputs[cursor], inputs[cursor + 1]
         tokens = self.backbone.forward_features(images)
         features = self.backbone.forward_head(tokens, pre_logits=True)
-        logits = F.linear(features, head_weight, head_bias)
+        logits = F.linear(self.head_map(features), head_weight, head_bias)
         if self.prompts:
             assert state.query is not None
             return logits, state.query

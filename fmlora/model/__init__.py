@@ -11,13 +11,14 @@ from .config import (
     AdapterConfig,
     BackboneConfig,
     FrozenConfig,
+    HeadConfig,
     ModelConfig,
     PromptConfig,
     RankSelectorConfig,
     override_backbone,
     parse_config,
 )
-from .head import IncrementalHead
+from .head import IncrementalHead, RandomFeatures
 from .layers import AdaptedLinear, AdapterRuntime, FLoRAAdapter, inject_adapters, parse_target
 from .model import FMLoRAModel, ModelOutput, TaskRecord
 from .prompts import PrefixAttention, PromptBank, PromptChoice, PromptRouting
@@ -51,6 +52,7 @@ __all__ = [
     "FLoRAAdapter",
     "FMLoRAModel",
     "FrozenConfig",
+    "HeadConfig",
     "IncrementalHead",
     "ModelConfig",
     "ModelOutput",
@@ -60,6 +62,7 @@ __all__ = [
     "PromptChoice",
     "PromptConfig",
     "PromptRouting",
+    "RandomFeatures",
     "RankSelector",
     "RankSelectorConfig",
     "Snapshot",

@@ -19,6 +19,7 @@ __all__ = [
     "AdapterConfig",
     "BackboneConfig",
     "FrozenConfig",
+    "HeadConfig",
     "ModelConfig",
     "PromptConfig",
     "RankSelectorConfig",
@@ -188,11 +189,26 @@ class PromptConfig(FrozenConfig):
         return start, end
 
 
+class HeadConfig(FrozenConfig):
+    """The classifier over the backbone's features.
+
+    ``linear``: rows over the pre-logit features, trained by gradient descent task by task.
+    ``ridge``: rows over ``random_features`` ReLU random features of them (the projection is
+    regenerated from ``projection_seed``, never stored), solved in closed form from class statistics
+    after every task (ARCHITECTURE.md §5).
+    """
+
+    kind: Literal["linear", "ridge"] = "linear"
+    random_features: int = Field(2000, ge=1)
+    projection_seed: int = 0
+
+
 class ModelConfig(FrozenConfig):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig.offline)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     rank_selector: RankSelectorConfig = Field(default_factory=RankSelectorConfig)
     prompts: PromptConfig = Field(default_factory=PromptConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
     head_init_std: float = Field(0.02, gt=0)
 
 

@@ -15,7 +15,7 @@ from fmlora.errors import AdapterStateError, DataError, PromptError, TaskError, 
 
 from .backbone import Preprocessor, create_backbone, weights_fingerprint
 from .config import ModelConfig
-from .head import IncrementalHead
+from .head import IncrementalHead, RandomFeatures
 from .layers import AdaptedLinear, AdapterRuntime, inject_adapters
 from .prompts import PrefixAttention, PromptBank, PromptChoice, PromptRouting
 from .rank_selector import RankSelector
@@ -89,7 +89,10 @@ class FMLoRAModel(nn.Module):
                 block.attn = PrefixAttention(block.attn, bank, slot)
             backbone.blocks[bank.start].register_forward_pre_hook(self._route_prompts)
             self.prompt_bank = bank
-        self.head = IncrementalHead(self.embed_dim, config.head_init_std)
+        feature_map = None
+        if config.head.kind == "ridge":
+            feature_map = RandomFeatures(self.embed_dim, config.head.random_features, config.head.projection_seed)
+        self.head = IncrementalHead(self.embed_dim, config.head_init_std, feature_map)
         self.register_buffer("task_feature_means", torch.zeros(0, self.embed_dim))
         self.tasks: list[TaskRecord] = []
         self._task: _TaskInProgress | None = None
@@ -436,7 +439,7 @@ class FMLoRAModel(nn.Module):
             shapes["prompts.keys"] = tuple(self.prompt_bank.keys.shape)
             shapes["prompts.task_keys"] = (num_tasks, self.embed_dim)
         shapes["tasks.feature_means"] = (num_tasks, self.embed_dim)
-        shapes["head.weight"] = (num_classes, self.embed_dim)
+        shapes["head.weight"] = (num_classes, self.head.row_features)
         shapes["head.bias"] = (num_classes,)
         return shapes
 

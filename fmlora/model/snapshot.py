@@ -118,6 +118,9 @@ def _layout(config: ModelConfig, depth: int) -> dict[str, Any]:
         "data_config_overrides": config.backbone.data_config_overrides,
         "input_norm": config.backbone.input_norm,
     }
+    if config.head.kind != "linear":
+        # Only non-default heads add a key, so snapshots written before heads had a config still load.
+        layout["head"] = config.head.model_dump(mode="json")
     if p.enabled:
         start, end = p.block_range(depth)
         layout["prompts"] = {

@@ -8,7 +8,7 @@ from .config import TrainConfig
 from .learner import Learner, TaskReport, TrainingProgress, collect_features, evaluate
 from .metrics import AccuracyMatrix
 from .pretrain import BatchSampler, linear_probe, pretrain_backbone
-from .statistics import ClassStatistics, RandomFeatures, RidgeSolution, held_out_split, ncm_logits
+from .statistics import ClassStatistics, RidgeSolution, held_out_split, ncm_logits
 from .strategies import STRATEGIES, apply_strategy
 
 __all__ = [
@@ -17,7 +17,6 @@ __all__ = [
     "BatchSampler",
     "ClassStatistics",
     "Learner",
-    "RandomFeatures",
     "RidgeSolution",
     "TaskReport",
     "TrainConfig",

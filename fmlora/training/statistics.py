@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from fmlora.errors import DataError
+from fmlora.model.head import RandomFeatures
 
 __all__ = [
     "ClassStatistics",
-    "RandomFeatures",
     "RidgeSolution",
     "held_out_split",
     "ncm_logits",
@@ -32,20 +32,6 @@ __all__ = [
 # Candidate ridge strengths, relative to the mean diagonal of G (so they mean the same for any
 # feature scale or image count).
 RELATIVE_LAMBDAS: tuple[float, ...] = tuple(10.0**k for k in range(-6, 3))
-
-
-class RandomFeatures:
-    """``h = ReLU(P f)`` with ``P`` (dim x in_features) drawn from N(0, 1) by a seeded generator."""
-
-    def __init__(self, in_features: int, dim: int, seed: int) -> None:
-        if dim < 1 or in_features < 1:
-            raise DataError("random features need positive sizes")
-        self.in_features, self.dim, self.seed = in_features, dim, seed
-        generator = torch.Generator().manual_seed(seed)
-        self.projection = torch.randn(dim, in_features, generator=generator)
-
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.relu(features.float() @ self.projection.T.to(features.device))
 
 
 def held_out_split(labels: torch.Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,9 +82,10 @@ class ClassStatistics:
     def means(self) -> torch.Tensor:
         return self.sums / self.counts.clamp_min(1).unsqueeze(1)
 
+    @torch.no_grad()
     def _lift(self, features: torch.Tensor) -> torch.Tensor:
-        f = features.float()
-        return (self.random_features(f) if self.random_features is not None else f).double()
+        f = features.float().cpu()
+        return (self.random_features.cpu()(f) if self.random_features is not None else f).double()
 
     def _columns(self, classes: Sequence[str]) -> torch.Tensor:
         new = [c for c in dict.fromkeys(classes) if c not in self.labels]

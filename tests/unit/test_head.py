@@ -39,3 +39,30 @@ def test_domain_task_reuses_rows_and_adds_only_new_classes():
 def test_empty_head_refuses_to_predict():
     with pytest.raises(TaskError):
         IncrementalHead(4)(torch.randn(1, 4))
+
+
+def test_random_features_are_regenerated_from_the_seed_and_never_saved():
+    from fmlora.model import RandomFeatures
+
+    a, b, c = RandomFeatures(6, 20, seed=4), RandomFeatures(6, 20, seed=4), RandomFeatures(6, 20, seed=5)
+    assert torch.equal(a.projection, b.projection) and not torch.equal(a.projection, c.projection)
+    assert "projection" not in a.state_dict()
+    x = torch.randn(3, 6)
+    assert torch.equal(a(x), torch.relu(x @ a.projection.T)) and bool((a(x) >= 0).all())
+
+
+def test_a_solved_head_replaces_every_row_over_the_random_features():
+    from fmlora.model import RandomFeatures
+
+    head = IncrementalHead(6, feature_map=RandomFeatures(6, 10, seed=0))
+    head.begin_task("a", ["x", "y"], "class", train_old_rows=False)
+    assert head.trainable_weight.shape == (2, 10)
+    with pytest.raises(TaskError, match="while a task trains"):
+        head.set_rows(torch.zeros(2, 10))
+    head.consolidate()
+    weight = torch.randn(2, 10)
+    head.set_rows(weight)
+    x = torch.randn(4, 6)
+    assert torch.allclose(head(x), head.feature_map(x) @ weight.T)
+    with pytest.raises(TaskError, match="solved rows must be"):
+        head.set_rows(torch.zeros(3, 10))

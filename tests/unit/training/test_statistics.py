@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fmlora.errors import DataError
-from fmlora.training import ClassStatistics, RandomFeatures, held_out_split, ncm_logits
+from fmlora.model import RandomFeatures
+from fmlora.training import ClassStatistics, held_out_split, ncm_logits
 
 
 def _blobs(classes: int, per_class: int, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
