@@ -19,7 +19,7 @@ import numpy as np
 
 from benchmarks import REPO
 
-__all__ = ["git_commit", "machine_info", "ratio", "summarize", "write_json"]
+__all__ = ["command_line", "git_commit", "machine_info", "ratio", "summarize", "write_json"]
 
 
 def _cpu_model() -> str:
@@ -102,6 +102,13 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def command_line() -> str:
+    """How this process was started, as one would type it again (``python -m benchmarks.perf ...``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    started = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *started, *sys.argv[1:]])
+
+
 def write_json(path: str | Path, payload: Mapping[str, Any], *, machine: bool = True) -> Path:
     """Write ``payload`` (plus ``machine`` and ``command`` unless present) atomically as JSON."""
     path = Path(path)
@@ -109,7 +116,7 @@ def write_json(path: str | Path, payload: Mapping[str, Any], *, machine: bool = 
     data = dict(payload)
     if machine and "machine" not in data:
         data["machine"] = machine_info()
-    data.setdefault("command", " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]))
+    data.setdefault("command", command_line())
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
