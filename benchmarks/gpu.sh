@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark run: one prepared script for an H200 session (issue 8, item 7).
 #
-# It runs the serving-efficiency benchmark (perf.py: vit_base_patch16_224, bf16, CUDA, batches 1/8/32),
-# the hot-swap benchmark (swap.py) and the memory soak (soak.py, GPU memory included) with bounded
+# It runs the serving-efficiency benchmark (benchmarks.perf: vit_base_patch16_224, bf16, CUDA, batches
+# 1/8/32), the hot-swap benchmark (benchmarks.swap) and the memory soak (benchmarks.soak, GPU memory
+# included), each as `python -m benchmarks.<name>` from the repository root, with bounded
 # durations (about 8 minutes in all, under the device tool's 10-minute limit per command), records the
 # machine (nvidia-smi, torch, CPU) and whether ViT weights or datasets are cached there, and writes
 # everything under $OUT. It installs nothing from the network: the device machine reaches nothing.
@@ -223,15 +224,15 @@ EOF
 
 # --- the benchmarks -------------------------------------------------------------------------------
 if [[ "$SKIP" != *,perf,* ]]; then
-    step perf 200 "$PY" benchmarks/perf.py --out "$WORK/perf" --backbones "$BACKBONE" --batches 1,8,32 \
+    step perf 200 "$PY" -m benchmarks.perf --out "$WORK/perf" --backbones "$BACKBONE" --batches 1,8,32 \
         --seconds "${PERF_SECONDS:-6}" --rounds 3 --device "$DEVICE" --dtype "$DTYPE"
 fi
 if [[ "$SKIP" != *,swap,* && -f benchmarks/swap.py ]]; then
-    step swap 130 "$PY" benchmarks/swap.py --out "$WORK/swap" --backbone "$BACKBONE" --device "$DEVICE" \
+    step swap 130 "$PY" -m benchmarks.swap --out "$WORK/swap" --backbone "$BACKBONE" --device "$DEVICE" \
         --dtype "$DTYPE" --swaps "${SWAPS:-100}"
 fi
 if [[ "$SKIP" != *,soak,* && -f benchmarks/soak.py ]]; then
-    step soak 150 "$PY" benchmarks/soak.py --out "$WORK/soak" --backbone "$BACKBONE" --device "$DEVICE" \
+    step soak 150 "$PY" -m benchmarks.soak --out "$WORK/soak" --backbone "$BACKBONE" --device "$DEVICE" \
         --dtype "$DTYPE" --swaps "${SOAK_SWAPS:-400}"
 fi
 nvidia-smi --query-gpu=memory.used,memory.total,utilization.gpu --format=csv >>"$OUT/env.txt" 2>&1

@@ -1,7 +1,7 @@
 """Load and backpressure: ramp concurrent clients against a real server with a small queue, to
 saturation and beyond, then stop the overload and check that the server recovers.
 
-    python benchmarks/load.py --out runs/load [--seconds 8] [--max-concurrency 64]
+    python -m benchmarks.load --out runs/load [--seconds 8] [--max-concurrency 64]
         [--backbone offline] [--max-queue 16] [--images-per-request 1] [--device cpu]
 
 Phases, against one ``fmlora serve`` subprocess (no worker; a home with two published versions):
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -34,22 +33,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import (
-    LoadResult,
-    ServerProcess,
-    encode_image,
-    http_load,
-    limit_threads,
-    make_home,
-    plot_lines,
-    predict_body,
-    process_cpu_seconds,
-    random_images,
-    scrape_metrics,
-    write_json,
-)
+from benchmarks.loadgen import LoadResult, encode_image, http_load, predict_body, random_images
+from benchmarks.plots import plot_lines
+from benchmarks.processes import ServerProcess, limit_threads, process_cpu_seconds, scrape_metrics
+from benchmarks.publish import make_home
+from benchmarks.report import write_json
 
 REJECTIONS = (429, 503)
 TIMEOUTS = (504,)
@@ -278,7 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ]
         log_path = work / "server.log"
         t_setup = time.perf_counter()
-        with ServerProcess(bench.home, settings=settings, threads=args.threads, log_path=log_path) as server:
+        with ServerProcess(bench.registry.home, settings=settings, threads=args.threads, log_path=log_path) as server:
             result["server_start_s"] = round(time.perf_counter() - t_setup, 3)
             result["launcher"] = server.used_launcher
             with contextlib.suppress(Exception):

@@ -1,6 +1,6 @@
 """Linear probe of a backbone's frozen features on the glyph benchmark's 100 classes (all faces).
 
-    python benchmarks/probe_backbone.py --out runs/probe [--weights PATH]
+    python -m benchmarks.probe_backbone --out runs/probe [--weights PATH]
 
 Writes probe.json: accuracy for the given (default: shipped) glyph ViT and for the same architecture
 with random weights, which is what pre-training must beat.
@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+from benchmarks.report import write_json
 from fmlora.data.glyphs import make_glyph_stream
 from fmlora.data.images import ImageSet
 from fmlora.model import BackboneConfig
@@ -44,8 +45,7 @@ def main() -> None:
         "weights": str(offline.weights_path),
     }
     result["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "probe.json").write_text(json.dumps(result, indent=2))
+    write_json(args.out / "probe.json", result)
     print(json.dumps(result, indent=2))
 
 

@@ -22,7 +22,7 @@ must be flagged, or the soak proves nothing (the control leaks one snapshot's te
 version, ~280 KB for the offline glyph ViT, so ``--swaps`` must make swaps x snapshot size well above the
 limit: 1,000 swaps leak ~270 MB).
 
-    python benchmarks/soak.py --out runs/soak [--swaps 1000]
+    python -m benchmarks.soak --out runs/soak [--swaps 1000]
 
 Writes ``soak.json`` and ``soak.png`` (memory over swaps, three series) in ``--out``.
 """
@@ -41,14 +41,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
-
-from benchmarks._common import gpu_memory_bytes, rss_bytes, write_json
+from benchmarks.plots import pyplot, save
+from benchmarks.processes import gpu_memory_bytes, limit_threads, rss_bytes, scrape_metrics
+from benchmarks.publish import make_home
+from benchmarks.report import write_json
 
 __all__ = ["SoakConfig", "detect_leak", "leaking_version_cache", "run_harness", "run_server_soak", "run_soak"]
 
@@ -166,14 +167,10 @@ def run_harness(params: dict[str, Any]) -> dict[str, Any]:
 
     ``params``: home, backbone, weights_dir, swaps, leaky, device, dtype, threads, cached_versions,
     rollback_every, prune_every, keep_versions, think_ms, seed."""
-    from benchmarks._common import limit_threads, model_config
-
     limit_threads(params.get("threads"))
     import numpy as np
     import torch
 
-    from benchmarks._publish import Publisher
-    from fmlora.registry.registry import Registry
     from server.core.engine import Engine, EngineConfig
 
     cfg = SoakConfig(
@@ -183,10 +180,15 @@ def run_harness(params: dict[str, Any]) -> dict[str, Any]:
         prune_every=params["prune_every"],
         keep_versions=params["keep_versions"],
     )
-    registry = Registry.open(params["home"], model_config(params["backbone"], params["weights_dir"]))
-    publisher = Publisher(registry, seed=params["seed"])
-    publisher.publish(new_task=True)
-    publisher.publish(new_task=True)
+    publisher = make_home(
+        params["home"],
+        params["backbone"],
+        tasks=2,
+        classes_per_task=2,
+        weights_dir=params["weights_dir"],
+        seed=params["seed"],
+    )
+    registry = publisher.registry
     engine_cfg = EngineConfig(
         device=params["device"],
         dtype=params["dtype"],
@@ -194,7 +196,7 @@ def run_harness(params: dict[str, Any]) -> dict[str, Any]:
         watch=False,
         max_wait_ms=1.0,
     )
-    leaky_ctx = leaking_version_cache() if params["leaky"] else _nullcontext()
+    leaky_ctx = leaking_version_cache() if params["leaky"] else nullcontext()
     with leaky_ctx:
         engine = Engine(registry, engine_cfg)
         engine.start()
@@ -257,22 +259,13 @@ def run_harness(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield
-
-
 # -- the real server ------------------------------------------------------------------------------------
 def run_server_soak(cfg: SoakConfig, work: Path) -> dict[str, Any]:
-    from benchmarks._common import ServerProcess, model_config
-    from benchmarks._publish import Publisher
+    from benchmarks.processes import ServerProcess
     from benchmarks.swap import Control, LoadGenerator, predict_bodies
-    from fmlora.registry.registry import Registry
 
-    registry = Registry.open(work / "home", model_config(cfg.backbone, work / "weights"))
-    publisher = Publisher(registry, seed=cfg.seed)
-    publisher.publish(new_task=True)
-    publisher.publish(new_task=True)
+    publisher = make_home(work / "home", cfg.backbone, tasks=2, classes_per_task=2, seed=cfg.seed)
+    registry = publisher.registry
     settings = {
         "poll_interval_s": cfg.poll_interval_s,
         "device": cfg.device,
@@ -305,13 +298,11 @@ def run_server_soak(cfg: SoakConfig, work: Path) -> dict[str, Any]:
                 rss.append((i, rss_bytes(server.pid) or 0))
                 if on_gpu and i % cfg.gpu_every == 0:
                     gpu.append((i, gpu_memory_bytes(server.pid) or 0))
-            metrics = control.metrics()
+            metrics = scrape_metrics(server.url)
         finally:
             requests = load.stop()
             control.close()
         alive = server.alive()
-    from benchmarks.swap import metric_value
-
     failed = [r for r in requests if r.status != 200]
     return {
         "pid": None,
@@ -322,8 +313,8 @@ def run_server_soak(cfg: SoakConfig, work: Path) -> dict[str, Any]:
         "rss": rss,
         "gpu": gpu,
         "server_alive_at_end": alive,
-        "server_swaps_total": metric_value(metrics, "fmlora_swaps_total"),
-        "server_swaps_failed_total": metric_value(metrics, "fmlora_swaps_failed_total"),
+        "server_swaps_total": metrics.get("fmlora_swaps_total"),
+        "server_swaps_failed_total": metrics.get("fmlora_swaps_failed_total"),
     }
 
 
@@ -418,12 +409,7 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
 
 
 def plot_memory(path: Path, runs: dict[str, dict[str, Any]], limit_mb: float, warmup: int = 0) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = pyplot().subplots(figsize=(9, 4.5))
     if warmup:
         ax.axvspan(0, warmup, color="grey", alpha=0.12, label="warm-up (not measured)")
     for name, run in runs.items():
@@ -445,10 +431,7 @@ def plot_memory(path: Path, runs: dict[str, dict[str, Any]], limit_mb: float, wa
     ax.set_ylabel("memory growth since the first sample (MB)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

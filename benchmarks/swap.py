@@ -44,9 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
-
-from benchmarks._common import encode_image, random_images, summarize, write_json
+from benchmarks.loadgen import encode_image, random_images
+from benchmarks.report import summarize, write_json
 
 __all__ = [
     "LoadGenerator",
@@ -377,8 +376,9 @@ def run_swap(cfg: SwapConfig) -> dict[str, Any]:
 
 
 def _run_swap(cfg: SwapConfig, out: Path, work: Path, rng: random.Random) -> dict[str, Any]:
-    from benchmarks._common import ServerProcess, model_config
-    from benchmarks._publish import BAD_KINDS, Publisher
+    from benchmarks.models import model_config
+    from benchmarks.processes import ServerProcess
+    from benchmarks.publish import BAD_KINDS, Publisher
     from fmlora.registry.registry import Registry
 
     registry = Registry.open(work / "home", model_config(cfg.backbone, work / "weights"))

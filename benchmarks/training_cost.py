@@ -6,22 +6,21 @@ FM-LoRA and sequential LoRA are trained for real on the offline glyph benchmark 
 scheme (one new rank-r LoRA pair per adapted matrix per task, as InfLoRA/SD-LoRA grow) is computed from
 the same adapter layout, since its cost is arithmetic: it is labelled ``analytic`` in the output.
 
-    python benchmarks/training_cost.py --out runs/training-cost [--tasks 20] [--epochs 5]
+    python -m benchmarks.training_cost --out runs/training-cost [--tasks 20] [--epochs 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.plots import pyplot, save
+from benchmarks.report import write_json
 from fmlora.data import make_glyph_stream
 from fmlora.model import FMLoRAModel, ModelConfig
 from fmlora.training import Learner, TrainConfig, apply_strategy
@@ -82,12 +81,7 @@ def per_task_scheme(tasks: list[Any]) -> list[dict[str, Any]]:
 
 
 def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(14, 4))
     for name, rows in results.items():
         xs = [r["task"] for r in rows]
         style = "--" if rows and rows[0].get("analytic") else "-"
@@ -101,9 +95,7 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:
@@ -123,7 +115,6 @@ def main() -> None:
         results[method] = run_method(method, tasks, train)
     results["per-task adapters (InfLoRA-style, analytic)"] = per_task_scheme(tasks)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     summary = {
         name: {
             "adapter_bytes_first": rows[0]["adapter_bytes"],
@@ -143,20 +134,12 @@ def main() -> None:
     }
     payload = {
         "benchmark": "training-cost",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "threads": torch.get_num_threads(),
-        },
-        "torch": torch.__version__,
-        "commit": commit,
         "stream": {"tasks": args.tasks, "classes_per_task": 100 // args.tasks, "train_per_class": args.train_per_class},
         "train": train.model_dump(mode="json"),
         "summary": summary,
         "per_task": results,
     }
-    (args.out / "training_cost.json").write_text(json.dumps(payload, indent=2))
+    write_json(args.out / "training_cost.json", payload)
     plot(results, args.out / "training_cost.png")
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out / 'training_cost.json'} and training_cost.png ({time.process_time():.0f} s CPU)")

@@ -33,6 +33,11 @@ def test_overload_is_rejected_with_retry_after_and_the_server_recovers(tmp_path)
         "latency_bounded_below_timeout": True,
         "recovered": True,
     }
+    for phase in [*result["ramp"], burst, result["recovery"]]:  # the counts add up
+        statuses = {int(k): v for k, v in phase["statuses"].items()}
+        assert sum(statuses.values()) == phase["requests"]
+        assert statuses.get(200, 0) == phase["ok"] == phase["latency"]["n"]
+        assert phase["rejected"] == statuses.get(429, 0) + statuses.get(503, 0)
     assert result["recovery"]["requests"] >= 1 and result["server_alive_at_end"] is True
     assert result["analysis"]["plateau_images_per_s"] > 0
     assert result["machine"]["torch"] and result["launcher"] in ("cli", "uvicorn")

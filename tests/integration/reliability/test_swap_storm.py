@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks._publish import BAD_KINDS
+from benchmarks.publish import BAD_KINDS
 from benchmarks.swap import LiveEvent, Request, SwapConfig, analyze, metric_value, run_swap
 
 
