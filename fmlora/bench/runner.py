@@ -26,15 +26,15 @@ from fmlora.model.config import AdapterConfig, BackboneConfig, ModelConfig, Prom
 from fmlora.model.model import FMLoRAModel
 from fmlora.model.snapshot import save_snapshot
 from fmlora.training.config import TrainConfig
-from fmlora.training.learner import Learner, evaluate
+from fmlora.training.learner import Learner, evaluate, new_statistics
 from fmlora.training.pretrain import pretrain_backbone
-from fmlora.training.strategies import STRATEGIES, apply_strategy
+from fmlora.training.strategies import STRATEGIES, apply_strategy, apply_training_strategy
 
 from .baselines import BASELINES, run_baseline
 
 __all__ = ["BENCHMARKS", "METHODS", "BenchSpec", "run_benchmark", "summary_markdown"]
 
-METHODS = (*STRATEGIES, "joint", *BASELINES)
+METHODS = (*STRATEGIES, "joint", "joint-linear", *BASELINES)
 
 
 @dataclass(frozen=True)
@@ -211,11 +211,15 @@ def _prompt_modes(model: FMLoRAModel, tasks: list[TaskData], learner: Learner) -
     }
 
 
-def _run_joint(config: ModelConfig, tasks: list[TaskData], learner: Learner) -> dict[str, Any]:
-    """Upper bound: plain LoRA trained once on every task's data together (same epochs per image)."""
-    model = FMLoRAModel(apply_strategy("seq-lora", config))
+def _run_joint(config: ModelConfig, tasks: list[TaskData], learner: Learner, linear: bool) -> dict[str, Any]:
+    """Upper bound: LoRA trained once on every task's data together (same epochs per image), with
+    the default pipeline's head (``joint``, the fair bound) or a linear head (``joint-linear``)."""
+    head = config.head.model_copy(update={"kind": "linear"}) if linear else config.head
+    model = FMLoRAModel(apply_strategy("seq-lora", config).model_copy(update={"head": head}))
     union = concat_sources([t.train for t in tasks])
-    report = learner.learn_task(model, TaskData("joint", "class", union, concat_sources([t.test for t in tasks])))
+    statistics = new_statistics(model) if model.head.feature_map is not None else None
+    joint = TaskData("joint", "class", union, concat_sources([t.test for t in tasks]))
+    report = learner.learn_task(model, joint, statistics=statistics)
     row = [evaluate(model, t.test, batch_size=learner.config.eval_batch_size) for t in tasks]
     sizes = [len(t.test) for t in tasks]
     final = sum(a * n for a, n in zip(row, sizes, strict=True)) / sum(sizes)
@@ -260,10 +264,10 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
         for method in spec.methods:
             runs.set_postfix(method=method, seed=seed)
             torch.manual_seed(seed)  # the adapter's own initialisation (prompt bank, bases)
-            learner = Learner(train.model_copy(update={"seed": seed}))
+            learner = Learner(apply_training_strategy(method, train.model_copy(update={"seed": seed})))
             started = time.perf_counter()
-            if method == "joint":
-                measured = _run_joint(config, tasks, learner)
+            if method in ("joint", "joint-linear"):
+                measured = _run_joint(config, tasks, learner, linear=method == "joint-linear")
             elif method in BASELINES:
                 measured = run_baseline(method, config, tasks, learner.config, seed)
             else:
@@ -278,7 +282,7 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
                     "backbone_config": backbone.model_dump(mode="json"),
                     "backbone_sha256": fingerprint,
                     "kind": tasks[0].kind,
-                    "protocol": "joint" if method == "joint" else "sequential",
+                    "protocol": "joint" if method.startswith("joint") else "sequential",
                     "training_free": method in BASELINES,
                     "task_names": [t.name for t in tasks],
                     "task_classes": [list(t.classes) for t in tasks],

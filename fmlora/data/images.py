@@ -196,11 +196,16 @@ class TaskData:
 
 
 def batches(
-    data: ImageSource, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    data: ImageSource,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    positions: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, label indices) batches; shuffled with ``generator`` for determinism."""
+    """(uint8 images, label indices) batches; shuffled with ``generator`` for determinism.
+    ``positions``: the images' positions in ``data`` instead of their labels."""
     n = len(data)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
         index = order[start : start + batch_size]
-        yield data.fetch(index), data.labels[index]
+        yield data.fetch(index), index if positions else data.labels[index]

@@ -64,9 +64,12 @@ def train_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], Imag
 class _Indexed(Dataset):
     """One image per item: the source's own decode, or the original file augmented by ``transform``."""
 
-    def __init__(self, source: ImageSource, transform: Callable[[Image.Image], Image.Image] | None) -> None:
+    def __init__(
+        self, source: ImageSource, transform: Callable[[Image.Image], Image.Image] | None, positions: bool
+    ) -> None:
         self.source = source
         self.transform = transform
+        self.positions = positions
 
     def __len__(self) -> int:
         return len(self.source)
@@ -81,7 +84,7 @@ class _Indexed(Dataset):
         return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        label = int(self.source.labels[index])
+        label = index if self.positions else int(self.source.labels[index])
         if self.transform is None:
             return self.source.fetch(torch.tensor([index]))[0], label
         image = np.asarray(self.transform(self._original(index)), dtype=np.uint8)
@@ -96,15 +99,18 @@ def image_batches(
     data_config: dict[str, Any] | None = None,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
+    positions: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, labels) batches in the order ``batches`` gives, read by ``loader``'s workers.
 
     Without workers or augmentation this is exactly ``batches``. With ``loader.augment`` each image
     is decoded from its original and augmented (``data_config`` is the model's timm data config).
+    ``positions``: the second tensor holds each image's position in ``data`` instead of its label
+    (for per-image training targets).
     """
     cfg = loader or LoaderConfig()
     if not cfg.augment and cfg.workers == 0:
-        yield from batches(data, batch_size, shuffle=shuffle, generator=generator)
+        yield from batches(data, batch_size, shuffle=shuffle, generator=generator, positions=positions)
         return
     if cfg.augment and data_config is None:
         raise DataError("augmentation needs the model's data config")
@@ -113,7 +119,7 @@ def image_batches(
     workers = max(1, cfg.workers) if cfg.augment else cfg.workers
     seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
     reader = DataLoader(
-        _Indexed(data, transform),
+        _Indexed(data, transform, positions),
         batch_size=batch_size,
         sampler=order.tolist(),
         num_workers=workers,

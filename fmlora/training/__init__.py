@@ -5,14 +5,15 @@ May import ``fmlora.model`` and ``fmlora.data``.
 """
 
 from .config import TrainConfig
-from .learner import Learner, TaskReport, TrainingProgress, collect_features, evaluate
+from .learner import Learner, TaskReport, TrainingProgress, collect_features, evaluate, new_statistics
 from .metrics import AccuracyMatrix
 from .pretrain import BatchSampler, linear_probe, pretrain_backbone
 from .statistics import ClassStatistics, RidgeSolution, held_out_split, ncm_logits
-from .strategies import STRATEGIES, apply_strategy
+from .strategies import STRATEGIES, TRAINING, apply_strategy, apply_training_strategy
 
 __all__ = [
     "STRATEGIES",
+    "TRAINING",
     "AccuracyMatrix",
     "BatchSampler",
     "ClassStatistics",
@@ -22,10 +23,12 @@ __all__ = [
     "TrainConfig",
     "TrainingProgress",
     "apply_strategy",
+    "apply_training_strategy",
     "collect_features",
     "evaluate",
     "held_out_split",
     "linear_probe",
     "ncm_logits",
+    "new_statistics",
     "pretrain_backbone",
 ]

@@ -33,6 +33,15 @@ class TrainConfig(FrozenConfig):
     # Decode processes for every pass over a task's images (0: decode in this process), and timm's
     # training augmentation (random resized crop, flip, colour jitter) for the training passes; the
     # paper benchmarks use both so that a GPU is never starved by JPEG decoding.
+    # How the adapter learns across tasks (ARCHITECTURE.md §5): "continual" trains it on every task,
+    # "first_task" only on the first (later tasks only add class statistics, as RanPAC), "none"
+    # never (a solved head on the frozen backbone). Tasks after the first train at lr x later_lr_scale.
+    adaptation: Literal["continual", "first_task", "none"] = "continual"
+    later_lr_scale: float = Field(1.0, gt=0)
+    # The ridge head's training objective: scaled-cosine logits to class prototypes, plus a feature
+    # distillation to the model before the task (weight 0: off) that bounds drift of earlier classes.
+    prototype_scale: float = Field(16.0, gt=0)
+    distill_weight: float = Field(0.0, ge=0)
     loader_workers: int = Field(0, ge=0)
     prefetch_batches: int = Field(4, ge=1)
     augment: bool = False

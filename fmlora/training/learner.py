@@ -11,18 +11,20 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from fmlora.data.images import ImageSource, TaskData
 from fmlora.data.loader import LoaderConfig, image_batches
+from fmlora.errors import DataError
 from fmlora.model.model import FMLoRAModel, TaskRecord
 from fmlora.model.rank_selector import task_complexity, task_novelty
 
 from .config import TrainConfig
 from .metrics import AccuracyMatrix
+from .objectives import LinearObjective, Objective, PrototypeObjective
+from .statistics import ClassStatistics
 
-__all__ = ["Learner", "TaskReport", "TrainingProgress", "collect_features", "evaluate"]
+__all__ = ["Learner", "TaskReport", "TrainingProgress", "collect_features", "evaluate", "new_statistics"]
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,27 @@ def evaluate(
     return correct / len(data)
 
 
+def new_statistics(model: FMLoRAModel) -> ClassStatistics:
+    """Empty class statistics for ``model``'s ridge head (its random features, its feature size)."""
+    return ClassStatistics(model.embed_dim, model.head.feature_map)
+
+
 class Learner:
     def __init__(self, config: TrainConfig | None = None):
         self.config = config or TrainConfig()
 
-    def learn_task(self, model: FMLoRAModel, task: TaskData, progress: ProgressCallback | None = None) -> TaskReport:
-        """Train ``model`` on ``task`` and fold it in; the model is then ready to serve or save."""
+    def learn_task(
+        self,
+        model: FMLoRAModel,
+        task: TaskData,
+        progress: ProgressCallback | None = None,
+        statistics: ClassStatistics | None = None,
+    ) -> TaskReport:
+        """Train ``model`` on ``task`` and fold it in; the model is then ready to serve or save.
+
+        A ridge head is solved from ``statistics`` (required then), to which the task's class
+        statistics are added: on failure neither the model nor the statistics change.
+        """
         cfg = self.config
         started = time.perf_counter()
         device = torch.device(cfg.device)
@@ -113,12 +130,19 @@ class Learner:
         features = collect_features(model, task.train, cfg.eval_batch_size, model.backbone_features, cfg.loader_workers)
         complexity = task_complexity(features)
         novelty = task_novelty(features.mean(0), model.task_feature_means.cpu())
+        ridge = model.head.feature_map is not None
+        if ridge and statistics is None:
+            raise DataError("a model with a ridge head learns with class statistics (learn_stream keeps them)")
         model.begin_task(task.name, task.kind, task.classes, complexity, novelty, generator=generator)
+        trial = statistics.copy() if statistics is not None else None
         try:
-            return self._train_and_fold(model, task, features, generator, started, progress)
+            report = self._train_and_fold(model, task, features, generator, started, progress, trial)
         except BaseException:
             model.abort_task()  # a failed or interrupted task leaves no trace
             raise
+        if statistics is not None and trial is not None:
+            statistics.replace_with(trial)
+        return report
 
     def _train_and_fold(
         self,
@@ -128,22 +152,69 @@ class Learner:
         generator: torch.Generator,
         started: float,
         progress: ProgressCallback | None,
+        statistics: ClassStatistics | None,
     ) -> TaskReport:
         cfg = self.config
         device = model.device
         prior_rank = model.rank_selector.expected_rank()
+        first = len(model.tasks) == 0
+        adapt = cfg.adaptation == "continual" or (cfg.adaptation == "first_task" and first)
+        lr = cfg.lr * (1.0 if first else cfg.later_lr_scale)
 
-        allowed = model.training_logit_mask().to(device)
-        column = torch.full((len(allowed),), -1, dtype=torch.long)
-        column[allowed.cpu()] = torch.arange(int(allowed.sum()))
-        target_of = column[[model.head.index_of(c) for c in task.classes]]
-
-        params = model.trainable_parameters()
+        objective: Objective
         head = {id(p) for p in model.head.parameters()}
+        if statistics is None:
+            objective = LinearObjective(model, task.classes, cfg)
+            params = model.trainable_parameters()
+        else:
+            model.eval()
+            before = collect_features(
+                model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).features, cfg.loader_workers
+            )
+            objective = PrototypeObjective(task.classes, task.train.labels, before, statistics, cfg, device)
+            # The ridge head's rows are solved after training, never trained.
+            params = [p for p in model.trainable_parameters() if id(p) not in head] if adapt else []
+        extra = objective.parameters() if adapt else []
         groups = [
-            {"params": [p for p in params if id(p) not in head], "lr": cfg.lr},
-            {"params": [p for p in params if id(p) in head], "lr": cfg.lr * cfg.head_lr_scale},
+            {"params": [p for p in params if id(p) not in head], "lr": lr},
+            {"params": [p for p in params if id(p) in head] + extra, "lr": lr * cfg.head_lr_scale},
         ]
+        trained = [p for g in groups for p in g["params"]]
+        step, loss_value = self._optimise(model, task, objective, groups, generator, progress) if trained else (0, 0.0)
+
+        model.eval()
+        task_key = None
+        if model.prompt_bank is not None:
+            # In eval mode the hard-gated live factors give the same outputs as the folded core.
+            queries = collect_features(
+                model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).query, cfg.loader_workers
+            )
+            task_key = queries.mean(0)
+        record = model.end_task(features.mean(0), task_key)
+        if statistics is not None:
+            self._solve_head(model, task, statistics)
+        return TaskReport(
+            task=record,
+            epochs=cfg.epochs if trained else 0,
+            steps=step,
+            final_loss=loss_value,
+            seconds=time.perf_counter() - started,
+            trainable_parameters=sum(p.numel() for p in trained),
+            prior_expected_rank=prior_rank,
+        )
+
+    def _optimise(
+        self,
+        model: FMLoRAModel,
+        task: TaskData,
+        objective: Objective,
+        groups: list[dict[str, Any]],
+        generator: torch.Generator,
+        progress: ProgressCallback | None,
+    ) -> tuple[int, float]:
+        """The task's optimisation loop; returns (steps, last loss)."""
+        cfg = self.config
+        device = model.device
         optimizer_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
         optimizer = optimizer_cls(
             [g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
@@ -157,26 +228,25 @@ class Learner:
         try:
             for epoch in range(cfg.epochs):
                 model.train()
-                for images, labels in image_batches(
+                # Batches carry each image's position in the task, for per-image targets (distillation).
+                for images, index in image_batches(
                     task.train,
                     cfg.batch_size,
                     loader=_reader(cfg, device, augment=cfg.augment),
                     data_config=model.preprocessor.data_config,
                     shuffle=True,
                     generator=generator,
+                    positions=True,
                 ):
                     model.rank_selector.anneal(step / max(1, total - 1))
                     x = model.preprocessor(images).to(device)
                     with _autocast(cfg, device):
-                        logits = model(x)[:, allowed]
-                    loss = F.cross_entropy(
-                        logits.float(), target_of[labels].to(device), label_smoothing=cfg.label_smoothing
-                    )
-                    loss = loss + model.regularization()
+                        loss = objective.loss(model, x, index, task.train.labels[index])
+                    loss = loss.float() + model.regularization()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
                     optimizer.step()
                     scheduler.step()
                     step += 1
@@ -187,24 +257,17 @@ class Learner:
                         progress(TrainingProgress(task.name, epoch + 1, cfg.epochs, step, total, loss_value))
         finally:
             bar.close()
-        model.eval()
-        task_key = None
-        if model.prompt_bank is not None:
-            # In eval mode the hard-gated live factors give the same outputs as the folded core.
-            queries = collect_features(
-                model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).query, cfg.loader_workers
-            )
-            task_key = queries.mean(0)
-        record = model.end_task(features.mean(0), task_key)
-        return TaskReport(
-            task=record,
-            epochs=cfg.epochs,
-            steps=step,
-            final_loss=loss_value,
-            seconds=time.perf_counter() - started,
-            trainable_parameters=sum(p.numel() for p in params),
-            prior_expected_rank=prior_rank,
+        return step, loss_value
+
+    def _solve_head(self, model: FMLoRAModel, task: TaskData, statistics: ClassStatistics) -> None:
+        """Add the task's features under the finished model to the statistics; solve every row."""
+        cfg = self.config
+        after = collect_features(
+            model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).features, cfg.loader_workers
         )
+        solution = statistics.add_task(after, task.train.labels, task.classes, seed=cfg.seed * 1009 + len(model.tasks))
+        order = [statistics.labels.index(label) for label in model.head.labels]
+        model.head.set_rows(solution.weight.T[order])
 
     def _lr_lambda(self, total: int) -> Callable[[int], float]:
         warmup = int(self.config.warmup_fraction * total)
@@ -228,8 +291,9 @@ class Learner:
         """Learn tasks in order; after each, evaluate every task seen so far (one accuracy-matrix row)."""
         matrix = AccuracyMatrix()
         reports: list[TaskReport] = []
+        statistics = new_statistics(model) if model.head.feature_map is not None else None
         for t, task in enumerate(tasks):
-            report = self.learn_task(model, task, progress)
+            report = self.learn_task(model, task, progress, statistics)
             reports.append(report)
             seen = tasks[: t + 1]
             row = [

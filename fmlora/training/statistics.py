@@ -160,6 +160,11 @@ class ClassStatistics:
         lam = best[0] if best is not None else candidates[len(candidates) // 2]
         return RidgeSolution(self.solve(lam), lam, best[1] if best is not None else None)
 
+    def replace_with(self, other: ClassStatistics) -> None:
+        """Take ``other``'s contents (a trial copy that succeeded)."""
+        self.labels = list(other.labels)
+        self.counts, self.sums, self.gram, self.cross = other.counts, other.sums, other.gram, other.cross
+
     def copy(self) -> ClassStatistics:
         other = ClassStatistics(self.in_features, self.random_features)
         other.labels = list(self.labels)

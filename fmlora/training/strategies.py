@@ -7,11 +7,14 @@ exactly that part.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fmlora.errors import ConfigError
 from fmlora.model.config import ModelConfig
 
-__all__ = ["STRATEGIES", "apply_strategy"]
+from .config import TrainConfig
+
+__all__ = ["STRATEGIES", "TRAINING", "apply_strategy", "apply_training_strategy"]
 
 
 def _fmlora(config: ModelConfig) -> ModelConfig:
@@ -25,6 +28,7 @@ def _sequential_lora(config: ModelConfig) -> ModelConfig:
             "adapter": config.adapter.model_copy(update={"train_bases": "every_task", "task_factors": False}),
             "rank_selector": config.rank_selector.model_copy(update={"enabled": False}),
             "prompts": config.prompts.model_copy(update={"enabled": False}),
+            "head": config.head.model_copy(update={"kind": "linear"}),
         }
     )
 
@@ -37,12 +41,34 @@ def _without_dmp(config: ModelConfig) -> ModelConfig:
     return config.model_copy(update={"prompts": config.prompts.model_copy(update={"enabled": False})})
 
 
+def _linear_head(config: ModelConfig) -> ModelConfig:
+    """The first design's head: linear rows trained task by task, earlier classes masked."""
+    return config.model_copy(update={"head": config.head.model_copy(update={"kind": "linear"})})
+
+
+def _ridge_head(config: ModelConfig) -> ModelConfig:
+    return config.model_copy(update={"head": config.head.model_copy(update={"kind": "ridge"})})
+
+
 STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "fmlora": _fmlora,
     "seq-lora": _sequential_lora,
     "fmlora-no-drs": _without_drs,
     "fmlora-no-dmp": _without_dmp,
+    "fmlora-first-task": _ridge_head,
+    "fmlora-frozen": _ridge_head,
+    "fmlora-linear": _linear_head,
 }
+
+# Strategies that differ in how they train rather than in the model.
+TRAINING: dict[str, dict[str, Any]] = {
+    "fmlora-first-task": {"adaptation": "first_task"},  # adapt on the first task only (RanPAC's recipe)
+    "fmlora-frozen": {"adaptation": "none"},  # never adapt: the solved head on the frozen backbone
+}
+
+
+def apply_training_strategy(name: str, config: TrainConfig) -> TrainConfig:
+    return config.model_copy(update=TRAINING.get(name, {}))
 
 
 def apply_strategy(name: str, config: ModelConfig) -> ModelConfig:

@@ -1,0 +1,68 @@
+"""The ridge head solved from class statistics after every task (fmlora.training.learner)."""
+
+import pytest
+import torch
+
+from fmlora.data import make_synthetic_stream
+from fmlora.errors import DataError
+from fmlora.model import FMLoRAModel, HeadConfig
+from fmlora.training import Learner, TrainConfig, new_statistics
+from tests.conftest import tiny_config
+
+
+def _ridge_model(**head: object) -> FMLoRAModel:
+    torch.manual_seed(0)
+    return FMLoRAModel(tiny_config(head=HeadConfig(kind="ridge", random_features=64, **head)))
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(epochs=1, batch_size=8, lr=5e-3, progress_bar=False, **kw)
+
+
+def test_the_head_is_solved_over_every_class_from_the_statistics():
+    from fmlora.training.statistics import RELATIVE_LAMBDAS
+
+    model = _ridge_model()
+    stream = make_synthetic_stream(num_tasks=2, classes_per_task=3, train_per_class=6, test_per_class=3)
+    stats = new_statistics(model)
+    learner = Learner(_cfg())
+    for task in stream:
+        learner.learn_task(model, task, statistics=stats)
+    assert model.head.labels == stats.labels == [*stream[0].classes, *stream[1].classes]
+    assert model.head.weight.shape == (6, 64) and model.head.trainable_weight.numel() == 0
+    # The rows are exactly a ridge solution of the statistics for one of the candidate lambdas.
+    assert any(torch.allclose(model.head.weight, stats.solve(lam).T, atol=1e-5) for lam in RELATIVE_LAMBDAS)
+    assert stats.counts.tolist() == [6.0] * 6 and stats.cross.shape == (64, 6)
+
+
+def test_a_failed_task_leaves_model_and_statistics_untouched():
+    model = _ridge_model()
+    stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=6, test_per_class=2)
+    stats = new_statistics(model)
+    learner = Learner(_cfg())
+    learner.learn_task(model, stream[0], statistics=stats)
+    before = (list(stats.labels), stats.gram.clone(), model.head.weight.clone())
+
+    def boom(progress):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        learner.learn_task(model, stream[1], progress=boom, statistics=stats)
+    assert stats.labels == before[0] and torch.equal(stats.gram, before[1])
+    assert torch.equal(model.head.weight, before[2]) and len(model.tasks) == 1
+
+
+def test_without_adaptation_nothing_trains_and_first_task_adaptation_freezes_later():
+    stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=6, test_per_class=2)
+    for adaptation, trained in (("none", [0, 0]), ("first_task", [True, 0])):
+        model = _ridge_model()
+        _, reports = Learner(_cfg(adaptation=adaptation)).learn_stream(model, stream)
+        counts = [r.trainable_parameters for r in reports]
+        assert counts[1] == 0 and (counts[0] > 0) == bool(trained[0])
+
+
+def test_a_ridge_head_needs_statistics():
+    model = _ridge_model()
+    task = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=4, test_per_class=2)[0]
+    with pytest.raises(DataError, match="class statistics"):
+        Learner(_cfg()).learn_task(model, task)
