@@ -160,6 +160,41 @@ class ClassStatistics:
         lam = best[0] if best is not None else candidates[len(candidates) // 2]
         return RidgeSolution(self.solve(lam), lam, best[1] if best is not None else None)
 
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """Tensors and a JSON-able meta dict that restore these statistics exactly (worker state)."""
+        tensors = {"counts": self.counts, "sums": self.sums, "gram": self.gram, "cross": self.cross}
+        meta: dict[str, object] = {"labels": list(self.labels), "in_features": self.in_features}
+        if self.random_features is not None:
+            rf = self.random_features
+            meta["random_features"] = {"dim": rf.dim, "seed": rf.seed}
+        return {k: v.contiguous() for k, v in tensors.items()}, meta
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], meta: dict[str, object], random_features: RandomFeatures | None
+    ) -> ClassStatistics:
+        """Restore statistics saved by ``to_tensors`` for a model whose head has ``random_features``;
+        anything inconsistent (sizes, projection, non-finite values) is refused."""
+        labels = meta.get("labels")
+        expected_rf = None if random_features is None else {"dim": random_features.dim, "seed": random_features.seed}
+        if not isinstance(labels, list) or meta.get("random_features") != expected_rf:
+            raise DataError("the stored class statistics were made for another head")
+        stats = cls(int(meta.get("in_features", -1)), random_features)  # type: ignore[call-overload]
+        try:
+            counts, sums = tensors["counts"].double(), tensors["sums"].double()
+            gram, cross = tensors["gram"].double(), tensors["cross"].double()
+        except KeyError as exc:
+            raise DataError(f"the stored class statistics lack {exc}") from None
+        c, d, m = len(labels), stats.in_features, stats.dim
+        shapes = (tuple(counts.shape), tuple(sums.shape), tuple(gram.shape), tuple(cross.shape))
+        if shapes != ((c,), (c, d), (m, m), (m, c)):
+            raise DataError(f"the stored class statistics have shapes {shapes}")
+        if not all(bool(torch.isfinite(x).all()) for x in (counts, sums, gram, cross)):
+            raise DataError("the stored class statistics are not finite")
+        stats.labels = [str(label) for label in labels]
+        stats.counts, stats.sums, stats.gram, stats.cross = counts, sums, gram, cross
+        return stats
+
     def replace_with(self, other: ClassStatistics) -> None:
         """Take ``other``'s contents (a trial copy that succeeded)."""
         self.labels = list(other.labels)

@@ -81,3 +81,32 @@ def test_bad_features_are_refused():
         stats.add(torch.tensor([[float("nan"), 0, 0, 0]]), torch.tensor([0]), ["a"])
     with pytest.raises(DataError, match="expected"):
         stats.add(torch.zeros(2, 3), torch.tensor([0, 0]), ["a"])
+
+
+def test_statistics_round_trip_through_tensors_and_refuse_another_head():
+    x, y = _blobs(3, 10)
+    rf = RandomFeatures(8, 16, seed=7)
+    stats = ClassStatistics(8, rf)
+    stats.add(x, y, ["a", "b", "c"])
+    tensors, meta = stats.to_tensors()
+    back = ClassStatistics.from_tensors(tensors, meta, rf)
+    assert back.labels == stats.labels and torch.equal(back.gram, stats.gram) and torch.equal(back.sums, stats.sums)
+    with pytest.raises(DataError, match="another head"):
+        ClassStatistics.from_tensors(tensors, meta, RandomFeatures(8, 16, seed=8))
+    broken = dict(tensors, gram=tensors["gram"][:3])
+    with pytest.raises(DataError, match="shapes"):
+        ClassStatistics.from_tensors(broken, meta, rf)
+    nan = dict(tensors, sums=tensors["sums"].clone().fill_(float("nan")))
+    with pytest.raises(DataError, match="finite"):
+        ClassStatistics.from_tensors(nan, meta, rf)
+
+
+def test_degenerate_tasks_keep_the_solution_finite():
+    stats = ClassStatistics(4, RandomFeatures(4, 12, seed=0))
+    same = torch.ones(5, 4)  # a class whose features are all identical
+    solution = stats.add_task(same, torch.zeros(5, dtype=torch.long), ["flat"])  # and a task of one class
+    assert bool(torch.isfinite(solution.weight).all())
+    lone = stats.add_task(torch.randn(1, 4), torch.zeros(1, dtype=torch.long), ["single"])  # one image
+    assert bool(torch.isfinite(lone.weight).all()) and lone.weight.shape == (12, 2)
+    zeros = stats.add_task(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), ["dark"])  # G gains nothing
+    assert bool(torch.isfinite(zeros.weight).all()) and stats.labels == ["flat", "single", "dark"]
