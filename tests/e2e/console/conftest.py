@@ -113,6 +113,15 @@ class Console:
     def all(self, css: str) -> list[Any]:
         return self.driver.find_elements(self.By.CSS_SELECTOR, css)
 
+    def rows(self, css: str) -> list[list[str]]:
+        """The cells' text of every table row matching ``css``, read in one step (the page redraws
+        tables as data arrives, so element handles can go stale between two reads)."""
+        return self.driver.execute_script(
+            "return [...document.querySelectorAll(arguments[0])]"
+            ".map(tr => [...tr.children].map(c => c.textContent.trim()))",
+            css,
+        )
+
     def text(self, element_id: str) -> str:
         return self.driver.execute_script("return document.getElementById(arguments[0]).textContent", element_id)
 
@@ -120,9 +129,12 @@ class Console:
         return self.driver.execute_script("return !document.getElementById(arguments[0]).hidden", element_id)
 
     def wait(self, condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-        return self._wait(self.driver, timeout, poll_frequency=0.1).until(
-            lambda _: condition(), message=f"waited {timeout} s for {what}"
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        waiter = self._wait(
+            self.driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
         )
+        return waiter.until(lambda _: condition(), message=f"waited {timeout} s for {what}")
 
     def drawn(self) -> bool:
         """Whether the page has drawn what the current key may see (see console.js, generations)."""
@@ -143,6 +155,13 @@ class Console:
             expected = {ADMIN: "admin", API_KEY: "read-only"}[key]
         self.wait(lambda: self.text("role-badge") == expected, f"the role badge to say {expected}")
         self.wait(self.drawn, "the page to redraw for the new key")
+
+    def activate(self, version: int) -> None:
+        """Click a version's activate button, then its confirmation (the same button, re-armed)."""
+        css = f'[data-activate="{version}"]'
+        self.wait(lambda: self.all(css), f"the button for v{version}")[0].click()
+        confirm = self.wait(lambda: [b for b in self.all(css) if b.text.startswith("Confirm")], "the confirmation")
+        confirm[0].click()
 
     def errors(self) -> list[str]:
         """Browser-log entries at SEVERE since the last call (JS errors, CSP violations, failed loads)."""

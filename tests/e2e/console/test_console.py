@@ -52,18 +52,14 @@ def test_without_the_admin_key_actions_are_refused_and_say_why(console, served):
     console.open("actions")
     console.use_key(API_KEY)
     console.wait(lambda: "Read-only" in console.text("actions-note"), "the read-only note")
-    button = console.wait(lambda: console.all('[data-activate="2"]'), "the rollback button")[0]
-    button.click()
-    button.click()  # the second click confirms
+    console.activate(2)
     console.wait(lambda: "403" in console.text("actions-result"), "the refusal")
     message = console.text("actions-result")
     assert "not allowed to manage the server (admin key required)" in message and "enter the admin key" in message
     assert models(served)["live"] == 3
 
     console.use_key(None)
-    button = console.find('[data-activate="2"]')
-    button.click()
-    button.click()
+    console.activate(2)
     console.wait(lambda: "401" in console.text("actions-result"), "the refusal without a key")
     assert "missing Authorization header" in console.text("actions-result")
     assert models(served)["live"] == 3
@@ -126,9 +122,10 @@ def test_task_uploaded_through_the_page_goes_live_and_shows_its_accuracy_matrix(
     console.find("#upload-submit").click()
     console.wait(lambda: "queued" in console.text("upload-result"), "the upload to be accepted")
     console.wait(lambda: console.all('#tasks-list tr[data-task="shapes"][data-status="live"]'), "v5 to go live", 120)
-    rows = {r.get_attribute("data-task"): r for r in console.all("#tasks-list tbody tr")}
-    assert "new-task accuracy 0.0000 is below the minimum 0.6000" in rows["twins"].text
-    assert "a stored task has no images in one of its splits" in rows["broken"].text
+    rows = console.rows("#tasks-list tbody tr")  # cells: task (name, id), kind, status, progress, version, outcome
+    outcome = {name: next(r[5] for r in rows if r[0].startswith(name)) for name in ("twins", "broken")}
+    assert outcome["twins"] == "gate: new-task accuracy 0.0000 is below the minimum 0.6000"
+    assert outcome["broken"] == "a stored task has no images in one of its splits"
     console.screenshot("tasks")
 
     state = models(served)
@@ -136,10 +133,12 @@ def test_task_uploaded_through_the_page_goes_live_and_shows_its_accuracy_matrix(
     card = state["versions"][-1]["card"]
     console.open("versions")
     console.wait(lambda: console.text("tile-live").startswith("Live versionv5"), "the live tile to say v5")
-    heat = console.wait(lambda: console.all("#heatmap-table tbody tr"), "the accuracy matrix")
-    assert [r.find_element(console.By.TAG_NAME, "th").text for r in heat] == ["fruit", "sky", "sea", "shapes"]
-    last = [td.text for td in heat[-1].find_elements(console.By.TAG_NAME, "td")]
-    assert last == [f"{100 * a:.0f}%" for a in card["accuracy_matrix"][-1]]
+    tasks = ["fruit", "sky", "sea", "shapes"]
+    heat = console.wait(
+        lambda: (rows := console.rows("#heatmap-table tbody tr")) and [r[0] for r in rows] == tasks and rows,
+        "the accuracy matrix of v5",
+    )
+    assert heat[-1][1:] == [f"{100 * a:.0f}%" for a in card["accuracy_matrix"][-1]]
     console.screenshot("versions")
 
 
@@ -147,10 +146,8 @@ def test_rollback_through_the_page_changes_what_models_reports(console, served):
     console.open("actions")
     console.use_key(ADMIN)
     console.wait(lambda: "Activating a version" in console.text("actions-note"), "the admin note")
-    button = console.wait(lambda: console.all('[data-activate="2"]'), "the rollback button")[0]
-    assert button.text == "Roll back to v2"
-    button.click()
-    button.click()
+    assert console.wait(lambda: console.all('[data-activate="2"]'), "the rollback button")[0].text == "Roll back to v2"
+    console.activate(2)
     console.wait(lambda: "v2 is live" in console.text("actions-result"), "the rollback")
     state = models(served)
     assert (state["live"], state["serving"]) == (2, 2)

@@ -114,30 +114,30 @@
     if (v.state === "rejected") return h("span", { class: "muted", text: "rejected by the gate: cannot go live" });
     const verb = !isNum(live) ? "Activate" : v.version < live ? "Roll back to" : "Roll forward to";
     const label = `${verb} v${v.version}`;
-    let armed = null;
-    const button = h("button", {
+    // Two clicks: the first asks for confirmation (for 5 s), the second calls the API. The armed
+    // state lives in `st`, so a redraw while the operator hesitates keeps it.
+    const armed = st.armed && st.armed.version === v.version;
+    return h("button", {
       type: "button",
-      class: "secondary",
-      text: label,
+      class: armed ? "" : "secondary",
+      text: armed ? `Confirm: ${label}` : label,
       data: { activate: String(v.version) },
-      onclick: () => {
-        // Two clicks: the first asks for confirmation (for 5 s), the second calls the API.
-        if (!armed) {
-          button.textContent = `Confirm: ${label}`;
-          button.className = "";
-          armed = window.setTimeout(() => {
-            armed = null;
-            button.textContent = label;
-            button.className = "secondary";
+      onclick: (event) => {
+        if (!(st.armed && st.armed.version === v.version)) {
+          window.clearTimeout(st.armed && st.armed.timer);
+          const timer = window.setTimeout(() => {
+            st.armed = null;
+            renderActions(st);
           }, 5000);
+          st.armed = { version: v.version, timer };
+          renderActions(st);
           return;
         }
-        window.clearTimeout(armed);
-        armed = null;
-        activate(st, v.version, button);
+        window.clearTimeout(st.armed.timer);
+        st.armed = null;
+        activate(st, v.version, event.currentTarget);
       },
     });
-    return button;
   }
 
   async function activate(st, version, button) {
@@ -166,7 +166,8 @@
     fill("actions-hint", management ? (who.role === "admin" ? "admin key in use" : "admin key required") : "management disabled");
     const versions = [...((st.models && st.models.versions) || [])].reverse();
     if (!versions.length) return fill("actions-table", h("p", { class: "muted", text: "No versions." }));
-    const head = h("tr", {}, ["version", "task", "state", "all tasks", "forgetting", "published", management ? "action" : null].filter(Boolean).map((t) => h("th", { text: t })));
+    const columns = ["version", "task", "state", "all tasks", "forgetting", "published", management ? "action" : null];
+    const head = h("tr", {}, columns.filter(Boolean).map((t) => h("th", { text: t, class: ["all tasks", "forgetting"].includes(t) ? "num" : "" })));
     const rows = versions.map((v) => {
       const c = v.card || {};
       return h(
