@@ -5,9 +5,8 @@ headers every response carries. ``install_console(app)`` adds all three to an ap
 from __future__ import annotations
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 
-from server.api.console.router import STATIC_DIRECTORY, STATIC_URL, router
+from server.api.console.router import STATIC_DIRECTORY, STATIC_FILES, STATIC_URL, router
 from server.api.console.security import (
     CONTENT_SECURITY_POLICY,
     DOCS_CONTENT_SECURITY_POLICY,
@@ -26,6 +25,6 @@ __all__ = [
 
 def install_console(app: FastAPI) -> None:
     app.include_router(router)
-    app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIRECTORY), name="console-static")
+    app.mount(STATIC_URL, STATIC_FILES, name="console-static")
     install_docs(app)
     app.add_middleware(SecurityHeadersMiddleware)

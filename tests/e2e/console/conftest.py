@@ -29,7 +29,7 @@ WAIT_S = 20.0
 
 
 def _missing(what: str) -> None:
-    message = f"{what} is needed for the console's browser tests ({INSTALL})"
+    message = f"missing {what}: the console's browser tests need it ({INSTALL})"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message + "; under CI=true it is required", pytrace=False)
     pytest.skip(message)
@@ -44,15 +44,24 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
+def chromium() -> tuple[str, str]:
+    """Paths of the browser and its driver, checked before anything else starts."""
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
+        import selenium  # noqa: F401
     except ImportError:
         _missing("selenium")
     browser, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if browser is None or chromedriver is None:
         _missing("chromium and chromedriver")
+    return browser, chromedriver
+
+
+@pytest.fixture(scope="module")
+def driver(chromium: tuple[str, str]) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, chromedriver = chromium
     os.environ.setdefault("SE_OFFLINE", "true")  # selenium must never try to download a driver
     options = webdriver.ChromeOptions()
     options.binary_location = browser
@@ -186,7 +195,7 @@ class Console:
 
 
 @pytest.fixture(scope="module")
-def console(served: Server, driver: Any, screenshots: Path) -> Console:
+def console(chromium: tuple[str, str], served: Server, driver: Any, screenshots: Path) -> Console:
     served.wait_ready()
     return Console(driver, served.url, screenshots)
 

@@ -86,6 +86,14 @@ def test_pages_load_only_local_files_and_have_no_inline_code(tmp_path, page):
         assert asset.status_code == 200, ref
 
 
+def test_console_files_are_revalidated_not_cached_blindly(tmp_path):
+    c = client(tmp_path)
+    for path in ("/console", "/console/static/console.js"):
+        response = c.get(path)
+        assert response.headers["cache-control"] == "no-cache" and response.headers["etag"]
+        assert c.get(path, headers={"If-None-Match": response.headers["etag"]}).status_code == 304
+
+
 def test_redoc_bundle_is_patched_to_stay_offline(tmp_path):
     c = client(tmp_path)
     bundle = c.get("/docs/vendor/redoc.standalone.js")

@@ -1,5 +1,10 @@
-// fmlora console: routing between the views, the key box, and the refresh loop (polling the API:
-// every second while a task is in progress or the Tasks view is open, every 3 s otherwise).
+// fmlora console: routing between the views, the key box, and the refresh loop.
+//
+// Polling stays cheap however long the history: each tick (1 s while a task is in progress or the
+// Tasks view is open, 3 s otherwise) reads GET /info and the few tasks in progress (GET /tasks/{id});
+// the full lists (GET /models, GET /tasks), whose evaluation cards grow with the number of tasks, are
+// read again only when the live or served version moves, a task finishes, an action here changed
+// something, or every 5 s (Tasks view) / 15 s (otherwise) to pick up tasks submitted elsewhere.
 "use strict";
 
 (() => {
@@ -17,7 +22,13 @@
     seen: {},
     gen: 0,
     timer: null,
-    refresh: () => refreshSoon(0),
+    pointer: null,
+    fullAt: 0,
+    forceFull: true,
+    refresh: () => {
+      st.forceFull = true;
+      refreshSoon(0);
+    },
   };
 
   // -- routing ---------------------------------------------------------------------------------
@@ -59,7 +70,8 @@
       }
     }
     renderRole();
-    st.seen = {}; // the key changed: redraw everything with what it may see
+    st.seen = {}; // the key changed: read and redraw everything with what it may see
+    st.forceFull = true;
   }
 
   // -- refresh ---------------------------------------------------------------------------------
@@ -75,6 +87,16 @@
     $("server-status-text").textContent = text;
   }
 
+  /** Re-read the tasks in progress; true when one of them finished (the full lists are then due). */
+  async function followActiveTasks() {
+    const active = (st.tasks || []).filter((t) => views.tasks.isActive(t));
+    if (!active.length) return false;
+    const fresh = await Promise.all(active.map((t) => api(`tasks/${encodeURIComponent(t.id)}`)));
+    const byId = new Map(fresh.map((t) => [t.id, t]));
+    st.tasks = st.tasks.map((t) => byId.get(t.id) || t);
+    return fresh.some((t) => !views.tasks.isActive(t));
+  }
+
   async function refresh() {
     const gen = st.gen;
     if (!st.whoami) await checkKey();
@@ -87,9 +109,19 @@
       rendered(gen);
       return;
     }
-    let info, models, tasks;
+    let info;
     try {
-      [info, models, tasks] = await Promise.all([api("info"), api("models"), api("tasks?limit=200")]);
+      info = await api("info");
+      const pointer = `${info.ready}/${info.live_version}/${info.serving_version}`;
+      const fullEvery = st.view === "tasks" ? 5000 : 15000;
+      let full = st.forceFull || !st.models || pointer !== st.pointer || Date.now() - st.fullAt > fullEvery;
+      if (!full) full = await followActiveTasks();
+      if (full) {
+        const startedAt = Date.now();
+        const [models, tasks] = await Promise.all([api("models"), api("tasks?limit=100")]);
+        if (gen !== st.gen) return;
+        Object.assign(st, { models, tasks: tasks.tasks, pointer, fullAt: startedAt, forceFull: false });
+      }
     } catch (exc) {
       setStatus(false, exc.status === 503 ? "starting" : "error");
       notice(`Could not read the server's state: ${exc.describe ? exc.describe() : exc.message}`, "error");
@@ -98,12 +130,12 @@
     if (gen !== st.gen) return;
     if (!$("notice").classList.contains("error") || $("notice").textContent.startsWith("Could not read")) notice(null);
     st.info = info;
-    st.models = models;
-    st.tasks = tasks.tasks;
-    setStatus(info.ready, info.ready ? `ready · serving ${models.serving ? `v${models.serving}` : "the bare backbone"}` : "loading the model");
+    const { models } = st;
+    const serving = info.serving_version ? `v${info.serving_version}` : "the bare backbone";
+    setStatus(info.ready, info.ready ? `ready · serving ${serving}` : "loading the model");
     $("footer-info").textContent = `fmlora ${info.version} · ${info.backbone} on ${info.device} (${info.backend}) · ${info.labels} labels`;
     const modelsChanged = changed("models", [models, st.selected]);
-    const tasksChanged = changed("tasks", tasks);
+    const tasksChanged = changed("tasks", st.tasks);
     const whoChanged = changed("whoami", who);
     if (modelsChanged || tasksChanged) views.versions.render(st);
     if (tasksChanged) views.tasks.render(st);

@@ -200,6 +200,7 @@
     });
   }
 
-  window.FM.views.tasks = { render: renderTasks, init, active: (st) => (st.tasks || []).some((t) => ACTIVE.includes(t.status)) };
+  const isActive = (t) => ACTIVE.includes(t.status);
+  window.FM.views.tasks = { render: renderTasks, init, isActive, active: (st) => (st.tasks || []).some(isActive) };
   window.FM.views.actions = { render: renderActions, renderManagement };
 })();
