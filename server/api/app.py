@@ -25,9 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fmlora._version import __version__
 from fmlora.model.config import BackboneConfig, ModelConfig, override_backbone
 from fmlora.registry.registry import Registry, VersionInfo
+from server.api.console import install_console
 from server.api.errors import ApiError, RequestContextMiddleware, error_response, install_error_handlers, request_id_of
 from server.api.metrics import ServerMetrics
-from server.api.routes import health, models, predict, tasks
+from server.api.routes import health, models, predict, tasks, whoami
 from server.api.settings import Settings
 from server.core.errors import NotReadyError
 
@@ -314,11 +315,13 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, registry
         version=__version__,
         description=DESCRIPTION,
         lifespan=_lifespan,
+        docs_url=None,  # served from local files by install_console (no CDN)
+        redoc_url=None,
     )
     app.state.fmlora = state
     _document_manual_bodies(app)
     install_error_handlers(app)
-    for module in (predict, tasks, models, health):
+    for module in (predict, tasks, models, health, whoami):
         app.include_router(module.router, responses=COMMON_RESPONSES)
 
     upload_limit = settings.max_archive_bytes + UPLOAD_OVERHEAD_BYTES
@@ -339,4 +342,5 @@ def create_app(settings: Settings | None = None, *, engine: Any = None, registry
             expose_headers=["X-Request-ID", "Retry-After", "Location"],
         )
     app.add_middleware(RequestContextMiddleware, observe=metrics)
+    install_console(app)  # /console, offline /docs and /redoc, security headers (outermost)
     return app

@@ -1,5 +1,5 @@
-"""HTTP routes, one module per resource (predict, tasks, models, health)."""
+"""HTTP routes, one module per resource (predict, tasks, models, health, whoami)."""
 
-from server.api.routes import health, models, predict, tasks
+from server.api.routes import health, models, predict, tasks, whoami
 
-__all__ = ["health", "models", "predict", "tasks"]
+__all__ = ["health", "models", "predict", "tasks", "whoami"]

@@ -46,6 +46,7 @@ def test_schema_references_resolve_and_cover_the_api():
         ("get", "/readyz"),
         ("get", "/info"),
         ("get", "/metrics"),
+        ("get", "/whoami"),
     }
     assert {(m, p) for p, ops in doc["paths"].items() for m in ops} == expected
     predict = doc["paths"]["/predict"]["post"]
