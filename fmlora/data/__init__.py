@@ -16,6 +16,7 @@ from .glyphs import (
     pretraining_characters,
     render_pretraining_set,
 )
+from .grating import grating, make_grating_stream
 from .images import ConcatImages, FileImageSet, ImageSet, ImageSource, TaskData, batches, concat_sources
 from .loader import LoaderConfig, image_batches, train_transform
 from .synthetic import make_synthetic_stream
@@ -35,12 +36,14 @@ __all__ = [
     "batches",
     "concat_sources",
     "font_directory",
+    "grating",
     "image_batches",
     "load_cifar100",
     "load_cub200",
     "load_domainnet",
     "load_imagenet_r",
     "make_glyph_stream",
+    "make_grating_stream",
     "make_synthetic_stream",
     "pretraining_characters",
     "render_pretraining_set",
