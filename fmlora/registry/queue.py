@@ -235,8 +235,9 @@ class TaskQueue:
             actions.append(f"removed unrecorded snapshot v{version}")
         cutoff = time.time() - _UNRECORDED_UPLOAD_AGE_S
         for path in self.scratch_dir.iterdir() if self.scratch_dir.is_dir() else []:
-            # Staging of this host's publishes and uploads; an hour old means its writer is gone.
-            if path.stat().st_mtime < cutoff:
+            # Staging of this host's publishes (only the lease holder publishes: the dead one's) and
+            # uploads (an hour old means its writer is gone).
+            if path.name.startswith(".publish-") or path.stat().st_mtime < cutoff:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                 actions.append(f"removed scratch {path.name}")
         for obj in self.store.list(TASK_ARCHIVE_PREFIX):

@@ -52,6 +52,8 @@ class Registry(TaskQueue):
         self.cache_dir = home / "cache"
         self.scratch_dir = home / "tmp"
         self.tasks_dir = home / "tasks"  # where tasks stored before the artifact store were unpacked
+        self.registry_url: str | None = None
+        self.store_url: str | None = None
         self.snapshots_dir = store.root / "snapshots" if isinstance(store, FileStore) else self.cache_dir / "versions"
 
     # -- opening -------------------------------------------------------------------------------
@@ -80,7 +82,10 @@ class Registry(TaskQueue):
         database.migrate()
         store = open_store(store_url, home, s3)
         stored = cls._stored_config(database, home, model_config)
-        return cls(home, stored, database, store)
+        registry = cls(home, stored, database, store)
+        # As given (secrets included, never printed): what a child process (a worker) is started with.
+        registry.registry_url, registry.store_url = registry_url or None, store_url or None
+        return registry
 
     @staticmethod
     def _stored_config(database: Database, home: Path, given: ModelConfig | None) -> ModelConfig:

@@ -1,8 +1,10 @@
 """A worker in its own process, for crash tests: ``python -m tests.integration.worker_proc HOME [KILL_AT]``.
 
+The registry is FMLORA_REGISTRY_URL's (SQLite in HOME when unset).
+
 KILL_AT names a stage at which the process SIGKILLs itself: ``progress`` (mid-epoch), ``publishing``
-(inside the snapshot write, after the tensor file and before the rename) or ``written`` (after the
-rename, before the version row is committed).
+(inside the snapshot write, after the tensor file and before the objects are stored) or ``written``
+(objects stored, before the version row is committed).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def main() -> None:
         poll_interval_s=0.2,
         progress_interval_s=0.0,
     )
-    worker = Worker(Registry.open(home), config, on_stage=on_stage)
+    registry = Registry.open(home, registry_url=os.environ.get("FMLORA_REGISTRY_URL") or None)
+    worker = Worker(registry, config, on_stage=on_stage)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     worker.run_forever(exit_when_idle=True)
     print(f"EXIT {worker.id}", flush=True)

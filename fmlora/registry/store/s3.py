@@ -103,7 +103,10 @@ class S3Store(ArtifactStore):
             raise self._error(exc, what) from exc
 
     def check(self) -> None:
-        self._call("a check of the bucket", self.client.head_bucket, Bucket=self.bucket)
+        try:
+            self._call("a check of the bucket", self.client.head_bucket, Bucket=self.bucket)
+        except ObjectNotFoundError as exc:  # HEAD has no body: a missing bucket is a bare 404
+            raise StoreConfigError(f"{self.setting} ({self.url}): bucket {self.bucket!r} does not exist") from exc
 
     def put_file(self, key: str, path: Path, *, consume: bool = False) -> str:
         sha256 = sha256_of(path)

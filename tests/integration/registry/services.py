@@ -81,12 +81,9 @@ class PostgresCluster:
 
     def stop(self) -> None:
         if self.data.exists():
-            subprocess.run(
-                [*(["runuser", "-u", "postgres", "--"] if self.as_postgres else []), "pg_ctl", "-D", str(self.data)]
-                + ["-m", "immediate", "stop"],
-                capture_output=True,
-                timeout=60,
-            )
+            prefix = ["runuser", "-u", "postgres", "--"] if self.as_postgres else []
+            command = [*prefix, "pg_ctl", "-D", str(self.data), "-m", "immediate", "stop"]
+            subprocess.run(command, capture_output=True, timeout=60)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -201,7 +201,9 @@ def test_failed_after_max_attempts_and_missing_task(registry: Registry) -> None:
 
 
 def test_postgres_notifies_publish_and_activate(
-    registry: Registry, registry_url: str | None, tiny_model: FMLoRAModel  # noqa: F811
+    registry: Registry,
+    registry_url: str | None,  # noqa: F811
+    tiny_model: FMLoRAModel,
 ) -> None:
     if registry_url is None:
         with pytest.raises(RegistryError, match="poll"):
