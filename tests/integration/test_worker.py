@@ -18,13 +18,22 @@ from fmlora.model import BackboneConfig, FMLoRAModel
 from fmlora.model.snapshot import load_snapshot, read_snapshot
 from fmlora.registry.intake import submit_task
 from fmlora.registry.registry import Registry
+from fmlora.registry.store import S3Store
 from fmlora.training import TrainConfig
 from fmlora.worker.worker import GateConfig, Worker, WorkerConfig
 from tests.conftest import tiny_config
-from tests.integration.registry.services import registry_url  # noqa: F401 - fixture
+from tests.integration.registry.services import MotoS3, registry_url, s3_bucket  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = TrainConfig(epochs=2, batch_size=8, lr=3e-3, progress_bar=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def submit_stream(registry: Registry, tmp_path: Path, num_tasks: int, seed: int = 0) -> list[str]:
@@ -204,3 +213,39 @@ def test_sigterm_abandons_cleanly_and_requeues(home: Registry, tmp_path: Path) -
     assert task.status == "queued" and "stopped" in task.error
     assert home.lease("worker") is None and visible_snapshots(home) == []
     torch.manual_seed(0)
+
+
+def test_store_unreachable_while_publishing_fails_cleanly_and_the_task_is_retried(
+    tmp_path: Path,
+    pretrained_tiny: BackboneConfig,
+    registry_url: str | None,  # noqa: F811
+    s3_bucket: tuple[MotoS3, str],  # noqa: F811
+) -> None:
+    server, bucket = s3_bucket
+    registry = Registry.open(
+        tmp_path / "s3home",
+        tiny_config(pretrained_tiny),
+        registry_url=registry_url,
+        store_url=f"s3://{bucket}/fmlora",
+        s3=server.options(),
+    )
+    [task_id] = submit_stream(registry, tmp_path, 1)
+    assert registry.get_task(task_id).archive_sha256 is not None  # the upload went to the bucket
+    reachable = registry.store
+    unreachable = S3Store(bucket, "fmlora", server.options(endpoint_url=f"http://127.0.0.1:{free_port()}"))
+
+    def cut_the_store(stage: str, info: dict) -> None:
+        if stage == "evaluating":  # trained; the publish comes next
+            registry.store = unreachable
+
+    with Worker(registry, WorkerConfig(train=FAST), on_stage=cut_the_store) as worker:
+        task = worker.run_once()
+        assert task is not None and task.status == "queued" and "interrupted" in task.error
+        assert registry.list_versions() == [] and registry.live_version() is None
+        assert [o.key for o in reachable.list("snapshots")] == []
+        registry.store = reachable
+        worker._on_stage = None
+        task = worker.run_once()
+    assert task is not None and task.status == "live" and task.attempts == 2
+    assert [v.version for v in registry.list_versions()] == [task.version]
+    assert [e.kind for e in registry.events()].count("published") == 1
