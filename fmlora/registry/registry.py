@@ -229,9 +229,10 @@ class Registry(TaskQueue):
     def activate(self, version: int) -> VersionInfo:
         """Make a published version live (rollback or roll forward)."""
         self._check_number(version)
-        self._check_activatable(self.get_version(version).state, version)
+        info = self.get_version(version)
+        self._check_activatable(info.state, version)
         # Checked before the transaction: a store round trip must not hold the database's write lock.
-        missing = set(SNAPSHOT_OBJECTS) - self._stored_names(version)
+        missing = set(info.objects or {"adapter_config.json": ""}) - self._stored_names(version)
         if missing:
             raise VersionStateError(f"version {version}'s objects {sorted(missing)} are missing from {self.store.url}")
         with self.db.write() as tx:
@@ -279,9 +280,10 @@ class Registry(TaskQueue):
         snapshot directory). With ``lease_owner`` the write happens only while that owner still holds
         the worker lease, so a worker that stalled past its lease cannot publish over its successor.
         """
-        objects = dict(objects) if objects is not None else self._objects_on_disk(version)
-        missing = set(SNAPSHOT_OBJECTS) - set(objects)
-        if missing:
+        if objects is None:
+            objects = self._objects_on_disk(version)
+        elif set(SNAPSHOT_OBJECTS) - set(objects):
+            missing = set(SNAPSHOT_OBJECTS) - set(objects)
             raise RegistryError(f"version {version} lacks objects {sorted(missing)}")
         now = now_iso()
         with self.db.write() as tx:
