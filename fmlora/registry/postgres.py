@@ -30,7 +30,9 @@ __all__ = ["PostgresDatabase", "close_pools"]
 # Any fixed 64-bit key: every fmlora writer on this database takes the same one.
 _WRITE_LOCK = 0x666D6C6F7261
 _CONNECT_TIMEOUT_S = 5
-_POOL_TIMEOUT_S = 10.0
+# How long a caller waits for a connection before RegistryUnavailableError: short, so a server can
+# answer "unavailable" (and keep serving the version it holds) instead of queueing requests.
+_POOL_TIMEOUT_S = 5.0
 _pools: dict[str, ConnectionPool] = {}
 _pools_lock = threading.Lock()
 
@@ -104,7 +106,6 @@ def _pool(conninfo: str) -> ConnectionPool:
                 # A connection that died with a database restart is replaced, not handed out.
                 check=ConnectionPool.check_connection,
                 timeout=_POOL_TIMEOUT_S,
-                reconnect_timeout=0,  # keep trying for as long as the database is away
                 name="fmlora-registry",
                 open=False,
             )

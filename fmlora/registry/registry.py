@@ -15,6 +15,7 @@ objects without a row are debris from a crash, which ``recover()`` removes.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -338,6 +339,8 @@ class Registry(TaskQueue):
                 self._event(tx, "pruned", version=version)
         for version in doomed:
             self.store.delete_prefix(_snapshot_prefix(version))
+            if not isinstance(self.store, FileStore):  # this host's copy of a pruned version
+                shutil.rmtree(self.snapshot_dir(version), ignore_errors=True)
         return doomed
 
     # -- objects ---------------------------------------------------------------------------------

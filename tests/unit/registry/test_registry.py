@@ -229,3 +229,38 @@ def test_postgres_notifies_publish_and_activate(
     thread.join(10)
     assert [(p["event"], p["version"]) for p in heard] == [("published", 1), ("published", 2), ("activated", 1)]
     assert heard[2]["previous"] == 2
+
+
+def test_postgres_outage_is_reported_and_the_registry_resumes_by_itself(tmp_path: Path) -> None:
+    from fmlora.errors import RegistryUnavailableError
+    from tests.integration.registry.services import postgres_cluster
+
+    cluster = postgres_cluster()
+    name = cluster.create_database()
+    try:
+        registry = Registry.open(tmp_path / "home", tiny_config(), registry_url=cluster.url(name))
+        registry.insert_task(
+            task_id="t1", name="t", kind="class", classes=["q"], num_train=1, num_eval=1, idempotency_key=None
+        )
+        cluster.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(RegistryUnavailableError, match="cannot be reached"):
+                registry.live_version()
+            assert time.monotonic() - started < 15  # a bounded wait, never a hang
+            with pytest.raises(RegistryUnavailableError):
+                registry.acquire_lease(WORKER_LEASE, "w", 10)
+        finally:
+            cluster.start()
+        # The pool drops its dead connections and reconnects: no restart of the process needed.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert registry.get_task("t1").name == "t"
+                break
+            except RegistryUnavailableError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert registry.acquire_lease(WORKER_LEASE, "w", 10)
+    finally:
+        cluster.drop_database(name)
