@@ -113,11 +113,11 @@ class Worker:
         except RegistryUnavailableError as exc:
             log.warning("cannot reach the registry to take the lease: %s", exc)
             return False
+        self._stop_heartbeat()
         self._holding = True
         self._lease_lost.clear()
         for action in self.registry.recover():
             log.warning("recovered after an earlier worker: %s", action)
-        self._heartbeat_stop.clear()
         self._heartbeat = threading.Thread(target=self._beat, name="fmlora-worker-heartbeat", daemon=True)
         self._heartbeat.start()
         log.info("worker %s holds the training lease", self.id)
@@ -134,12 +134,16 @@ class Worker:
             except FmloraError as exc:  # a busy database: try again next beat, the lease has slack
                 log.warning("lease renewal failed: %s", exc)
 
-    def release(self) -> None:
-        """Stop the heartbeat and give the lease back (the next worker may start at once)."""
+    def _stop_heartbeat(self) -> None:
         self._heartbeat_stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
             self._heartbeat = None
+        self._heartbeat_stop.clear()
+
+    def release(self) -> None:
+        """Stop the heartbeat and give the lease back (the next worker may start at once)."""
+        self._stop_heartbeat()
         if self._holding:
             self._holding = False
             try:
@@ -162,14 +166,16 @@ class Worker:
         """Train tasks until ``stop()`` (or, with ``exit_when_idle``, until the queue is empty)."""
         try:
             while not self._stop.is_set():
-                if not self._hold_lease():
-                    self._stop.wait(self.config.poll_interval_s)
-                    continue
                 try:
+                    if not self._hold_lease():
+                        self._stop.wait(self.config.poll_interval_s)
+                        continue
                     task = self.run_once()
-                except RegistryUnavailableError as exc:
-                    # The lease lapses while the database is away; whoever holds it next requeues.
+                except (RegistryUnavailableError, StoreUnavailableError) as exc:
+                    # A task may be left mid-training: take the lease anew once the registry is back,
+                    # which runs recover() and requeues it (this worker's or, after expiry, another's).
                     log.error("the registry is unavailable: %s; retrying", exc)
+                    self._lease_lost.set()
                     self._stop.wait(self.config.poll_interval_s)
                     continue
                 if task is None:

@@ -249,3 +249,39 @@ def test_store_unreachable_while_publishing_fails_cleanly_and_the_task_is_retrie
     assert task is not None and task.status == "live" and task.attempts == 2
     assert [v.version for v in registry.list_versions()] == [task.version]
     assert [e.kind for e in registry.events()].count("published") == 1
+
+
+def test_database_outage_mid_task_the_worker_resumes_and_the_task_completes_once(
+    tmp_path: Path, pretrained_tiny: BackboneConfig
+) -> None:
+    """PostgreSQL goes away mid-training for longer than a request waits: the worker keeps retrying, takes the lease
+    anew once it is back (recovery requeues the task) and the task is published exactly once."""
+    import threading
+
+    from tests.integration.registry.services import postgres_cluster
+
+    cluster = postgres_cluster()
+    name = cluster.create_database()
+    outage: list[threading.Thread] = []
+    try:
+        registry = Registry.open(tmp_path / "home", tiny_config(pretrained_tiny), registry_url=cluster.url(name))
+        [task_id] = submit_stream(registry, tmp_path, 1)
+
+        def cut_the_database(stage: str, info: dict) -> None:
+            if stage == "progress" and info["step"] == 2 and not outage:
+                cluster.pause()
+                outage.append(threading.Thread(target=lambda: (time.sleep(8), cluster.start())))
+                outage[0].start()
+
+        config = WorkerConfig(train=FAST, progress_interval_s=0.0, poll_interval_s=0.2, lease_ttl_s=60)
+        Worker(registry, config, on_stage=cut_the_database).run_forever(exit_when_idle=True)
+        outage[0].join()
+        task = registry.get_task(task_id)
+        assert task.status == "live" and task.attempts == 2
+        kinds = [e.kind for e in registry.events()]
+        assert kinds.count("published") == 1 and kinds.count("requeued") == 1
+        assert [v.version for v in registry.list_versions()] == [task.version]
+    finally:
+        for thread in outage:
+            thread.join()
+        cluster.drop_database(name)
