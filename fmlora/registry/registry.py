@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -34,6 +35,9 @@ from .queue import TaskQueue
 from .records import SNAPSHOT_OBJECTS, WORKER_LEASE, Event, VersionInfo, event_from_row, now_iso, version_from_row
 from .store import ArtifactStore, FileStore, S3Options
 from .urls import open_database, open_store
+
+if TYPE_CHECKING:
+    from .worker_state import WorkerState
 
 __all__ = ["Registry", "open_registry"]
 
@@ -350,13 +354,13 @@ class Registry(TaskQueue):
 
         return fetch_version(self, version)
 
-    def read_worker_state(self, version: int) -> Any:
-        """The worker state published with ``version`` (``WorkerState``), or None if it has none."""
+    def read_worker_state(self, version: int) -> WorkerState | None:
+        """The worker state published with ``version``, verified by its sha256; None if it has none."""
         from .artifacts import read_worker_state
 
         return read_worker_state(self, version)
 
-    def listen(self, timeout_s: float = 1.0) -> Any:
+    def listen(self, timeout_s: float = 1.0) -> Iterator[dict[str, Any] | None]:
         """Payloads (dicts) of version changes as they commit: PostgreSQL only (see ``feed``)."""
         from .feed import notifications
 

@@ -179,3 +179,28 @@ def test_s3_missing_bucket_wrong_credentials_and_unreachable(
         settings.INITIAL_NO_AUTH_ACTION_COUNT = before
     with pytest.raises(StoreUnavailableError, match=r"FMLORA_STORE_URL.*cannot be reached"):
         open_store(f"s3://{bucket}/p", tmp_path, server.options(endpoint_url=f"http://127.0.0.1:{_free_port()}"))
+
+
+def test_the_worker_command_takes_the_urls_and_refuses_a_bad_one_at_start_up(
+    tmp_path: Path,
+    s3_bucket: tuple[MotoS3, str],  # noqa: F811
+) -> None:
+    import subprocess
+    import sys
+
+    server, bucket = s3_bucket
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FMLORA_STORE_URL": f"s3://{bucket}/w?endpoint_url={server.endpoint}&addressing_style=path",
+    }
+    command = [sys.executable, "-m", "fmlora.cli", "worker", "--home", str(tmp_path / "h"), "--exit-when-idle"]
+    ok = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert f"objects in s3://{bucket}/w" in ok.stderr
+    bad = subprocess.run(
+        [*command, "--registry-url", "postgresql://u@h:x/db"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 2 and "FMLORA_REGISTRY_URL" in bad.stderr and "Traceback" not in bad.stderr
