@@ -116,14 +116,20 @@ def pretrain(
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "characters"}, indent=2))
 
 
-def _home_registry(home: Path, backbone: str | None, backbone_weights: str | None) -> Registry:
+def _home_registry(
+    home: Path,
+    backbone: str | None,
+    backbone_weights: str | None,
+    registry_url: str | None = None,
+    store_url: str | None = None,
+) -> Registry:
     from fmlora.model.config import BackboneConfig, ModelConfig, override_backbone
     from fmlora.registry.registry import Registry
 
     config = None
     if backbone is not None:
         config = ModelConfig(backbone=override_backbone(BackboneConfig(name=backbone), None, backbone_weights or None))
-    return Registry.open(home, config)
+    return Registry.open(home, config, registry_url=registry_url or None, store_url=store_url or None)
 
 
 @app.command()
@@ -158,8 +164,18 @@ def worker(
         None, min=0, envvar="FMLORA_KEEP_VERSIONS", help="Retention: non-live versions kept (default: all)."
     ),
     exit_when_idle: bool = typer.Option(False, help="Exit once the queue is empty (batch jobs, tests)."),
+    registry_url: str | None = typer.Option(
+        None, envvar="FMLORA_REGISTRY_URL", help="sqlite:///path or postgresql://user@host:port/db (default: HOME)."
+    ),
+    store_url: str | None = typer.Option(
+        None, envvar="FMLORA_STORE_URL", help="file:///path or s3://bucket/prefix (default: HOME)."
+    ),
+    parent_pid: int | None = typer.Option(
+        None, envvar="FMLORA_PARENT_PID", help="Stop (requeueing the task) when this process is gone."
+    ),
 ) -> None:
-    """Train queued tasks one after another and publish each as a snapshot (one worker trains at a time)."""
+    """Train queued tasks one after another and publish each as a snapshot (one worker trains at a time;
+    more workers wait as standbys and take over when the lease holder dies)."""
     import logging
     import signal
 
@@ -172,7 +188,7 @@ def worker(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        registry = _home_registry(home, backbone, backbone_weights)
+        registry = _home_registry(home, backbone, backbone_weights, registry_url, store_url)
         train = TrainConfig(
             epochs=epochs,
             batch_size=batch_size,
@@ -192,7 +208,11 @@ def worker(
     # SIGTERM/SIGINT abandon the current step; the task goes back to the queue for the next worker.
     signal.signal(signal.SIGTERM, lambda *_: runner.stop())
     signal.signal(signal.SIGINT, lambda *_: runner.stop())
-    typer.echo(f"worker {runner.id} on {registry.home}", err=True)
+    if parent_pid:
+        from fmlora.worker.parent import watch_parent
+
+        watch_parent(parent_pid, runner.stop)
+    typer.echo(f"worker {runner.id} on {registry.db.display}, objects in {registry.store.url}", err=True)
     runner.run_forever(exit_when_idle=exit_when_idle)
 
 

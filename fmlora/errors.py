@@ -121,3 +121,39 @@ class ClassLayoutError(IntakeError):
 
 class TaskConflictError(IntakeError):
     """The task conflicts with the registry (e.g. its name is already taken)."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry database cannot be reached now (down, restarting, network); retrying later may work."""
+
+
+class DuplicateKeyError(RegistryError):
+    """A write would create a second row with a key that must be unique (the backend's integrity error)."""
+
+
+class WorkerStateError(RegistryError):
+    """A version's worker state is missing or cannot be parsed."""
+
+
+class StoreError(FmloraError):
+    """The artifact store (snapshots, worker state, task archives) failed an operation."""
+
+
+class StoreConfigError(StoreError, ConfigError):
+    """The artifact store's URL, bucket or credentials are wrong; the message names the setting."""
+
+
+class StoreUnavailableError(StoreError):
+    """The artifact store cannot be reached now; retrying later may work."""
+
+
+class ObjectNotFoundError(StoreError, LookupError):
+    """An object the registry points at is not in the store."""
+
+
+class ObjectIntegrityError(StoreError):
+    """An object's bytes do not match the sha256 the registry recorded for it."""
+
+
+class WorkerStateIntegrityError(ObjectIntegrityError, WorkerStateError):
+    """A version's worker state does not match its recorded sha256: it is refused, never used."""

@@ -2,8 +2,13 @@
 
 One worker trains at a time per registry: it holds the ``worker`` lease (renewed by a heartbeat
 thread) for as long as it runs, and every write that matters (progress, publishing) checks the lease
-in the same transaction. A worker that is killed leaves its lease to expire; the next holder runs
-``Registry.recover()``, which requeues the task it left and removes any snapshot it did not record.
+in the same transaction. Any number of others may run as standbys: they poll for the lease. A worker
+that is killed leaves its lease to expire; the next holder runs ``Registry.recover()``, which
+requeues the task it left and removes any snapshot objects it did not record, so the task completes
+exactly once and version numbers (reserved in the database) stay strictly increasing.
+
+Each task starts from the live version: its snapshot and its worker state (``WorkerState``, e.g.
+class statistics), which ``_train`` may update and which is published with the new version.
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ from typing import Any
 import torch
 
 from fmlora.data.images import FileImageSet, ImageSet, ImageSource, TaskData
-from fmlora.errors import DataError, FmloraError, LeaseError
+from fmlora.errors import DataError, FmloraError, LeaseError, RegistryUnavailableError, StoreUnavailableError
 from fmlora.model.model import FMLoRAModel
 from fmlora.model.snapshot import load_snapshot
-from fmlora.registry.intake import read_task_files
+from fmlora.registry.artifacts import read_task_files
 from fmlora.registry.publish import publish_version
-from fmlora.registry.registry import WORKER_LEASE, Registry, TaskInfo, VersionInfo
+from fmlora.registry.records import WORKER_LEASE, TaskInfo, VersionInfo
+from fmlora.registry.registry import Registry
+from fmlora.registry.worker_state import WorkerState
 from fmlora.training.config import TrainConfig
-from fmlora.training.learner import Learner, TrainingProgress, evaluate
+from fmlora.training.learner import Learner, TaskReport, TrainingProgress, evaluate
 from fmlora.training.metrics import AccuracyMatrix
 
 __all__ = ["GateConfig", "Worker", "WorkerConfig"]
@@ -100,13 +107,17 @@ class Worker:
     def _hold_lease(self) -> bool:
         if self._holding and not self._lease_lost.is_set():
             return True
-        if not self.registry.acquire_lease(WORKER_LEASE, self.id, self.config.lease_ttl_s):
+        try:
+            if not self.registry.acquire_lease(WORKER_LEASE, self.id, self.config.lease_ttl_s):
+                return False
+        except RegistryUnavailableError as exc:
+            log.warning("cannot reach the registry to take the lease: %s", exc)
             return False
+        self._stop_heartbeat()
         self._holding = True
         self._lease_lost.clear()
         for action in self.registry.recover():
             log.warning("recovered after an earlier worker: %s", action)
-        self._heartbeat_stop.clear()
         self._heartbeat = threading.Thread(target=self._beat, name="fmlora-worker-heartbeat", daemon=True)
         self._heartbeat.start()
         log.info("worker %s holds the training lease", self.id)
@@ -123,15 +134,22 @@ class Worker:
             except FmloraError as exc:  # a busy database: try again next beat, the lease has slack
                 log.warning("lease renewal failed: %s", exc)
 
-    def release(self) -> None:
-        """Stop the heartbeat and give the lease back (the next worker may start at once)."""
+    def _stop_heartbeat(self) -> None:
         self._heartbeat_stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
             self._heartbeat = None
+        self._heartbeat_stop.clear()
+
+    def release(self) -> None:
+        """Stop the heartbeat and give the lease back (the next worker may start at once)."""
+        self._stop_heartbeat()
         if self._holding:
-            self.registry.release_lease(WORKER_LEASE, self.id)
             self._holding = False
+            try:
+                self.registry.release_lease(WORKER_LEASE, self.id)
+            except RegistryUnavailableError as exc:  # it expires by itself
+                log.warning("could not release the lease: %s", exc)
 
     def __enter__(self) -> Worker:
         return self
@@ -148,10 +166,18 @@ class Worker:
         """Train tasks until ``stop()`` (or, with ``exit_when_idle``, until the queue is empty)."""
         try:
             while not self._stop.is_set():
-                if not self._hold_lease():
+                try:
+                    if not self._hold_lease():
+                        self._stop.wait(self.config.poll_interval_s)
+                        continue
+                    task = self.run_once()
+                except (RegistryUnavailableError, StoreUnavailableError) as exc:
+                    # A task may be left mid-training: take the lease anew once the registry is back,
+                    # which runs recover() and requeues it (this worker's or, after expiry, another's).
+                    log.error("the registry is unavailable: %s; retrying", exc)
+                    self._lease_lost.set()
                     self._stop.wait(self.config.poll_interval_s)
                     continue
-                task = self.run_once()
                 if task is None:
                     if exit_when_idle:
                         return
@@ -180,6 +206,15 @@ class Worker:
         except LeaseError:
             log.error("lost the lease while working on task %s", task.name)
             return self.registry.get_task(task.id)
+        except (RegistryUnavailableError, StoreUnavailableError) as exc:
+            # Not the task's fault: nothing was recorded; it is retried (here or by the next lease holder).
+            log.error("task %s interrupted: %s", task.name, exc)
+            try:
+                return self.registry.fail_task(
+                    task.id, f"interrupted: {exc}; it was retried", retry=True, owner=self.id
+                )
+            except LeaseError:
+                return self.registry.get_task(task.id)
         except FmloraError as exc:
             log.error("task %s failed: %s", task.name, exc)
             return self.registry.fail_task(task.id, str(exc), retry=False, owner=self.id)
@@ -198,14 +233,17 @@ class Worker:
         if self._stop.is_set() or self._lease_lost.is_set():
             raise _Abandon
 
-    def _start_model(self) -> tuple[FMLoRAModel, VersionInfo | None]:
+    def _start_model(self) -> tuple[FMLoRAModel, VersionInfo | None, WorkerState | None]:
+        """The live version's model and worker state (after a rollback: the rolled-back-to version's)."""
         if self._pristine is None:
             self._pristine = FMLoRAModel(self.registry.model_config)
         model = copy.deepcopy(self._pristine)
         live = self.registry.live()
+        state = None
         if live is not None:
-            load_snapshot(model, self.registry.snapshot_dir(live.version))
-        return model, live
+            load_snapshot(model, self.registry.fetch_version(live.version))
+            state = self.registry.read_worker_state(live.version)
+        return model, live, state
 
     def _image_set(self, files: list[tuple[Any, str]], classes: list[str], model: FMLoRAModel) -> ImageSource:
         if not files:
@@ -235,7 +273,7 @@ class Worker:
         return self._eval_cache[task_name]
 
     def _learn(self, task: TaskInfo) -> TaskInfo:
-        model, parent = self._start_model()
+        model, parent, state = self._start_model()
         stored = read_task_files(self.registry, task.id)
         data = TaskData(
             name=task.name,
@@ -245,6 +283,19 @@ class Worker:
         )
         self._eval_cache[task.name] = data.test
         self._stage("training", task=task.name)
+        report, state = self._train(model, data, state, task)
+        self._check_running()
+        self.registry.update_task(task.id, self.id, status="evaluating")
+        self._stage("evaluating", task=task.name)
+        card = self._evaluate(model, parent, report.model_dump(mode="json"))
+        self._check_running()
+        return self._publish(model, task, parent, card, state)
+
+    def _train(
+        self, model: FMLoRAModel, data: TaskData, state: WorkerState | None, task: TaskInfo
+    ) -> tuple[TaskReport, WorkerState | None]:
+        """Learn ``data`` into ``model`` (starting from the parent's worker ``state``); return the
+        training report and the worker state to publish with the new version (here: carried over)."""
         last_report = [0.0]
 
         def progress(p: TrainingProgress) -> None:
@@ -257,12 +308,7 @@ class Worker:
                 self._stage("progress", **fields)
 
         report = Learner(self.config.train).learn_task(model, data, progress)
-        self._check_running()
-        self.registry.update_task(task.id, self.id, status="evaluating")
-        self._stage("evaluating", task=task.name)
-        card = self._evaluate(model, parent, report.model_dump(mode="json"))
-        self._check_running()
-        return self._publish(model, task, parent, card)
+        return report, state
 
     def _evaluate(self, model: FMLoRAModel, parent: VersionInfo | None, report: dict[str, Any]) -> dict[str, Any]:
         names = [t.name for t in model.tasks]
@@ -308,7 +354,12 @@ class Worker:
         }
 
     def _publish(
-        self, model: FMLoRAModel, task: TaskInfo, parent: VersionInfo | None, card: dict[str, Any]
+        self,
+        model: FMLoRAModel,
+        task: TaskInfo,
+        parent: VersionInfo | None,
+        card: dict[str, Any],
+        state: WorkerState | None,
     ) -> TaskInfo:
         accepted = bool(card["gate"]["passed"])
         # Renew first: the snapshot must be recorded well within the lease it is written under.
@@ -322,6 +373,8 @@ class Worker:
             accepted=accepted,
             lease_owner=self.id,
             hook=lambda stage, version: self._stage(stage, version=version),
+            worker_state=None if state is None else state.tensors,
+            worker_state_meta=None if state is None else state.meta,
         )
         version = published.version
         self._stage("published", version=version, accepted=accepted)

@@ -18,12 +18,22 @@ from fmlora.model import BackboneConfig, FMLoRAModel
 from fmlora.model.snapshot import load_snapshot, read_snapshot
 from fmlora.registry.intake import submit_task
 from fmlora.registry.registry import Registry
+from fmlora.registry.store import S3Store
 from fmlora.training import TrainConfig
 from fmlora.worker.worker import GateConfig, Worker, WorkerConfig
 from tests.conftest import tiny_config
+from tests.integration.registry.services import MotoS3, registry_url, s3_bucket  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = TrainConfig(epochs=2, batch_size=8, lr=3e-3, progress_bar=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def submit_stream(registry: Registry, tmp_path: Path, num_tasks: int, seed: int = 0) -> list[str]:
@@ -40,8 +50,12 @@ def submit_stream(registry: Registry, tmp_path: Path, num_tasks: int, seed: int 
 
 
 @pytest.fixture
-def home(tmp_path: Path, pretrained_tiny: BackboneConfig) -> Registry:
-    return Registry.open(tmp_path / "home", tiny_config(pretrained_tiny))
+def home(tmp_path: Path, pretrained_tiny: BackboneConfig, registry_url: str | None) -> Registry:  # noqa: F811
+    return Registry.open(tmp_path / "home", tiny_config(pretrained_tiny), registry_url=registry_url)
+
+
+def worker_env(registry: Registry, **extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "FMLORA_REGISTRY_URL": registry.registry_url or "", **extra}
 
 
 def test_three_tasks_publish_three_versions_in_order(home: Registry, tmp_path: Path) -> None:
@@ -71,9 +85,9 @@ def test_three_tasks_publish_three_versions_in_order(home: Registry, tmp_path: P
     assert [s for s, _ in seen if s != "progress"].count("published") == 3
     # What was published is exactly what a server loads.
     model = FMLoRAModel(home.model_config)
-    manifest = load_snapshot(model, home.snapshot_dir(3))
+    manifest = load_snapshot(model, home.fetch_version(3))
     assert manifest.card == versions[2].card and model.labels[:3] == ["t0c0", "t0c1", "t0c2"]
-    assert read_snapshot(home.snapshot_dir(3)).manifest.tensors_sha256 == versions[2].sha256
+    assert read_snapshot(home.fetch_version(3)).manifest.tensors_sha256 == versions[2].sha256
     assert home.lease("worker") is None  # released on exit
 
 
@@ -108,10 +122,10 @@ def test_rollback_then_next_task_trains_from_the_live_version(home: Registry, tm
     assert v3.parent == 1 and v3.tasks == ["task0", "task2"] and home.live_version() == 3
 
 
-def run_worker(home: Path, kill_at: str = "", timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LEASE_TTL": "1.5"}
+def run_worker(registry: Registry, kill_at: str = "", timeout: float = 240) -> subprocess.CompletedProcess:
+    env = worker_env(registry, LEASE_TTL="1.5")
     return subprocess.run(
-        [sys.executable, "-m", "tests.integration.worker_proc", str(home), kill_at],
+        [sys.executable, "-m", "tests.integration.worker_proc", str(registry.home), kill_at],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -121,36 +135,42 @@ def run_worker(home: Path, kill_at: str = "", timeout: float = 240) -> subproces
 
 
 def visible_snapshots(registry: Registry) -> list[str]:
-    return sorted(p.name for p in registry.snapshots_dir.iterdir() if not p.name.startswith("."))
+    return sorted({o.key.split("/")[1] for o in registry.store.list("snapshots")})
+
+
+def staging(registry: Registry) -> list[Path]:
+    return [*registry.scratch_dir.glob(".*"), *registry.snapshots_dir.glob(".*")]
 
 
 @pytest.mark.parametrize("kill_at", ["progress", "publishing", "written"])
 def test_sigkill_leaves_nothing_partial_and_the_task_is_retried(home: Registry, tmp_path: Path, kill_at: str) -> None:
     [task_id] = submit_stream(home, tmp_path, 1)
-    killed = run_worker(home.home, kill_at)
+    killed = run_worker(home, kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # Whatever the moment, no reader can see a snapshot that is not recorded and complete.
     assert home.list_versions() == [] and home.live_version() is None
-    staging = [p for p in home.snapshots_dir.iterdir() if p.name.startswith(".")]
-    assert bool(staging) == (kill_at == "publishing")  # died mid-write: only a hidden staging dir
+    if kill_at == "publishing":
+        assert staging(home)  # died mid-write: only hidden local staging, never a stored object
     for name in visible_snapshots(home):
-        assert kill_at == "written" and name == "v1"  # renamed but never recorded: removed on recovery
+        assert kill_at == "written" and name == "v1"  # stored but never recorded: removed on recovery
     assert home.get_task(task_id).status == ("training" if kill_at == "progress" else "evaluating")
 
     time.sleep(1.6)  # the dead worker's lease runs out
-    restarted = run_worker(home.home)
+    restarted = run_worker(home)
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     task = home.get_task(task_id)
     assert task.status == "live" and task.attempts == 2
+    # A number handed to the dead worker is never reused: versions stay strictly increasing.
+    assert task.version == (1 if kill_at == "progress" else 2)
     assert visible_snapshots(home) == [f"v{task.version}"] and home.live_version() == task.version
-    assert not [p for p in home.snapshots_dir.iterdir() if p.name.startswith(".")]
-    read_snapshot(home.snapshot_dir(task.version))  # complete and verified
+    assert staging(home) == []
+    read_snapshot(home.fetch_version(task.version))  # complete and verified
     assert [e.kind for e in home.events()].count("requeued") == 1
 
 
 def test_two_workers_at_once_exactly_one_trains(home: Registry, tmp_path: Path) -> None:
     submit_stream(home, tmp_path, 2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LEASE_TTL": "5"}
+    env = worker_env(home, LEASE_TTL="5")
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.integration.worker_proc", str(home.home)],
@@ -173,7 +193,7 @@ def test_two_workers_at_once_exactly_one_trains(home: Registry, tmp_path: Path) 
 
 def test_sigterm_abandons_cleanly_and_requeues(home: Registry, tmp_path: Path) -> None:
     [task_id] = submit_stream(home, tmp_path, 1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = worker_env(home)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.integration.worker_proc", str(home.home)],
         cwd=ROOT,
@@ -193,3 +213,75 @@ def test_sigterm_abandons_cleanly_and_requeues(home: Registry, tmp_path: Path) -
     assert task.status == "queued" and "stopped" in task.error
     assert home.lease("worker") is None and visible_snapshots(home) == []
     torch.manual_seed(0)
+
+
+def test_store_unreachable_while_publishing_fails_cleanly_and_the_task_is_retried(
+    tmp_path: Path,
+    pretrained_tiny: BackboneConfig,
+    registry_url: str | None,  # noqa: F811
+    s3_bucket: tuple[MotoS3, str],  # noqa: F811
+) -> None:
+    server, bucket = s3_bucket
+    registry = Registry.open(
+        tmp_path / "s3home",
+        tiny_config(pretrained_tiny),
+        registry_url=registry_url,
+        store_url=f"s3://{bucket}/fmlora",
+        s3=server.options(),
+    )
+    [task_id] = submit_stream(registry, tmp_path, 1)
+    assert registry.get_task(task_id).archive_sha256 is not None  # the upload went to the bucket
+    reachable = registry.store
+    unreachable = S3Store(bucket, "fmlora", server.options(endpoint_url=f"http://127.0.0.1:{free_port()}"))
+
+    def cut_the_store(stage: str, info: dict) -> None:
+        if stage == "evaluating":  # trained; the publish comes next
+            registry.store = unreachable
+
+    with Worker(registry, WorkerConfig(train=FAST), on_stage=cut_the_store) as worker:
+        task = worker.run_once()
+        assert task is not None and task.status == "queued" and "interrupted" in task.error
+        assert registry.list_versions() == [] and registry.live_version() is None
+        assert [o.key for o in reachable.list("snapshots")] == []
+        registry.store = reachable
+        worker._on_stage = None
+        task = worker.run_once()
+    assert task is not None and task.status == "live" and task.attempts == 2
+    assert [v.version for v in registry.list_versions()] == [task.version]
+    assert [e.kind for e in registry.events()].count("published") == 1
+
+
+def test_database_outage_mid_task_the_worker_resumes_and_the_task_completes_once(
+    tmp_path: Path, pretrained_tiny: BackboneConfig
+) -> None:
+    """PostgreSQL goes away mid-training for longer than a request waits: the worker keeps retrying, takes the lease
+    anew once it is back (recovery requeues the task) and the task is published exactly once."""
+    import threading
+
+    from tests.integration.registry.services import postgres_cluster
+
+    cluster = postgres_cluster()
+    name = cluster.create_database()
+    outage: list[threading.Thread] = []
+    try:
+        registry = Registry.open(tmp_path / "home", tiny_config(pretrained_tiny), registry_url=cluster.url(name))
+        [task_id] = submit_stream(registry, tmp_path, 1)
+
+        def cut_the_database(stage: str, info: dict) -> None:
+            if stage == "progress" and info["step"] == 2 and not outage:
+                cluster.pause()
+                outage.append(threading.Thread(target=lambda: (time.sleep(8), cluster.start())))
+                outage[0].start()
+
+        config = WorkerConfig(train=FAST, progress_interval_s=0.0, poll_interval_s=0.2, lease_ttl_s=60)
+        Worker(registry, config, on_stage=cut_the_database).run_forever(exit_when_idle=True)
+        outage[0].join()
+        task = registry.get_task(task_id)
+        assert task.status == "live" and task.attempts == 2
+        kinds = [e.kind for e in registry.events()]
+        assert kinds.count("published") == 1 and kinds.count("requeued") == 1
+        assert [v.version for v in registry.list_versions()] == [task.version]
+    finally:
+        for thread in outage:
+            thread.join()
+        cluster.drop_database(name)

@@ -1,8 +1,11 @@
 """A worker in its own process, for crash tests: ``python -m tests.integration.worker_proc HOME [KILL_AT]``.
 
+The registry is FMLORA_REGISTRY_URL's (SQLite in HOME when unset); EPOCHS (default 2) sets the
+epochs per task, LEASE_TTL the lease's seconds.
+
 KILL_AT names a stage at which the process SIGKILLs itself: ``progress`` (mid-epoch), ``publishing``
-(inside the snapshot write, after the tensor file and before the rename) or ``written`` (after the
-rename, before the version row is committed).
+(inside the snapshot write, after the tensor file and before the objects are stored) or ``written``
+(objects stored, before the version row is committed).
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     config = WorkerConfig(
-        train=TrainConfig(epochs=2, batch_size=8, lr=3e-3, progress_bar=False),
+        train=TrainConfig(epochs=int(os.environ.get("EPOCHS", "2")), batch_size=8, lr=3e-3, progress_bar=False),
         lease_ttl_s=float(os.environ.get("LEASE_TTL", "3")),
         heartbeat_s=0.5,
         poll_interval_s=0.2,
         progress_interval_s=0.0,
     )
-    worker = Worker(Registry.open(home), config, on_stage=on_stage)
+    registry = Registry.open(home, registry_url=os.environ.get("FMLORA_REGISTRY_URL") or None)
+    worker = Worker(registry, config, on_stage=on_stage)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     worker.run_forever(exit_when_idle=True)
     print(f"EXIT {worker.id}", flush=True)

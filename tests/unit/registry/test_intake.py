@@ -22,9 +22,11 @@ from fmlora.errors import (
     TaskConflictError,
     UnsafeArchiveError,
 )
+from fmlora.registry import fetch_task
 from fmlora.registry.intake import IntakeLimits, read_task_files, submit_task
 from fmlora.registry.registry import Registry
 from tests.conftest import tiny_config
+from tests.integration.registry.services import registry_url  # noqa: F401 - fixture
 
 
 def png(seed: int = 0, size: int = 8) -> bytes:
@@ -52,12 +54,17 @@ def good_members(classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 5) 
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Registry.open(tmp_path / "home", tiny_config())
+def registry(tmp_path: Path, registry_url: str | None) -> Registry:  # noqa: F811
+    return Registry.open(tmp_path / "home", tiny_config(), registry_url=registry_url)
+
+
+def stored_objects(registry: Registry) -> list[str]:
+    return [o.key for o in registry.store.list("tasks")]
 
 
 def stored_nothing(registry: Registry) -> bool:
-    return registry.list_tasks() == [] and [p for p in registry.tasks_dir.iterdir()] == []
+    leftovers = [p for p in registry.scratch_dir.iterdir()] + [p for p in registry.home.glob("tasks/.*")]
+    return registry.list_tasks() == [] and stored_objects(registry) == [] and leftovers == []
 
 
 def test_good_zip_is_split_stored_and_queued(registry: Registry, tmp_path: Path) -> None:
@@ -65,6 +72,8 @@ def test_good_zip_is_split_stored_and_queued(registry: Registry, tmp_path: Path)
     task = submit_task(registry, archive, name="pets", kind="class")
     assert task.status == "queued" and task.classes == ["cat", "dog"]
     assert (task.num_train, task.num_eval) == (16, 4)  # 20 % held out per class
+    assert stored_objects(registry) == [f"tasks/{task.id}.tar"] and task.archive_bytes > 0
+    assert registry.store.read_bytes(f"tasks/{task.id}.tar", task.archive_sha256)  # verified by its sha256
     files = read_task_files(registry, task.id)
     assert len(files.train) == 16 and len(files.eval) == 4
     assert {c for _, c in files.eval} == {"cat", "dog"}
@@ -78,7 +87,7 @@ def test_split_is_deterministic(tmp_path: Path) -> None:
         task = submit_task(reg, make_zip(tmp_path / f"{home}.zip", good_members(per_class=10)), name="p", kind="class")
         import json
 
-        manifest = json.loads((reg.task_dir(task.id) / "task.json").read_text())
+        manifest = json.loads((fetch_task(reg, task.id) / "task.json").read_text())
         return [f["source"] for f in manifest["files"]["eval"]]
 
     assert eval_sources("a") == eval_sources("b")
@@ -324,7 +333,7 @@ def test_names_are_unique_and_idempotency_key_returns_the_same_task(registry: Re
         submit_task(registry, archive, name="x", kind="regression")
     with pytest.raises(ClassLayoutError, match="task name"):
         submit_task(registry, archive, name="../x", kind="class")
-    assert len(registry.list_tasks()) == 1 and len(os.listdir(registry.tasks_dir)) == 1
+    assert len(registry.list_tasks()) == 1 and len(stored_objects(registry)) == 1
 
 
 def test_submit_says_whether_it_stored_or_replayed_even_when_racing(registry: Registry, tmp_path: Path) -> None:
@@ -348,4 +357,36 @@ def test_submit_says_whether_it_stored_or_replayed_even_when_racing(registry: Re
     raced = submit(registry, archive, name="pets", kind="class", idempotency_key="k")
     assert raced.replayed and raced.task.id == first.task.id
     assert len(calls) == 3  # it got as far as the insert and recovered from the collision
-    assert len(registry.list_tasks()) == 1 and len(os.listdir(registry.tasks_dir)) == 1
+    assert len(registry.list_tasks()) == 1 and len(stored_objects(registry)) == 1
+    assert os.listdir(registry.scratch_dir) == []
+
+
+def test_the_database_decides_a_real_race_for_one_name(registry: Registry, tmp_path: Path) -> None:
+    """Threads that all pass the look-up: the unique key lets exactly one store; the rest get a conflict."""
+    import threading
+
+    from fmlora.errors import DuplicateKeyError
+
+    archive = make_zip(tmp_path / "a.zip", good_members())
+    real_find = registry.find_task
+    registry.find_task = lambda **kw: None  # type: ignore[method-assign]  # every racer misses the look-up
+    outcomes: list[object] = []
+    start = threading.Barrier(4)
+
+    def racer() -> None:
+        start.wait()
+        try:
+            outcomes.append(submit_task(registry, archive, name="pets", kind="class"))
+        except TaskConflictError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=racer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    registry.find_task = real_find  # type: ignore[method-assign]
+    assert sum(not isinstance(o, Exception) for o in outcomes) == 1
+    conflicts = [o for o in outcomes if isinstance(o, TaskConflictError)]
+    assert len(conflicts) == 3 and all(isinstance(c.__cause__, DuplicateKeyError) for c in conflicts)
+    assert len(registry.list_tasks()) == 1 and len(stored_objects(registry)) == 1
