@@ -198,7 +198,7 @@ class HeadConfig(FrozenConfig):
     after every task (ARCHITECTURE.md §5).
     """
 
-    kind: Literal["linear", "ridge"] = "linear"
+    kind: Literal["linear", "ridge"] = "ridge"
     random_features: int = Field(2000, ge=1)
     projection_seed: int = 0
 

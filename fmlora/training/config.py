@@ -37,7 +37,7 @@ class TrainConfig(FrozenConfig):
     # "first_task" only on the first (later tasks only add class statistics, as RanPAC), "none"
     # never (a solved head on the frozen backbone). Tasks after the first train at lr x later_lr_scale.
     adaptation: Literal["continual", "first_task", "none"] = "continual"
-    later_lr_scale: float = Field(1.0, gt=0)
+    later_lr_scale: float = Field(0.1, gt=0)
     # The ridge head's training objective: scaled-cosine logits to class prototypes, plus a feature
     # distillation to the model before the task (weight 0: off) that bounds drift of earlier classes.
     prototype_scale: float = Field(16.0, gt=0)

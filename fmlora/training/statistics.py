@@ -64,10 +64,13 @@ def ncm_logits(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 class ClassStatistics:
     """Running per-class and shared statistics of features and their random projection."""
 
-    def __init__(self, in_features: int, random_features: RandomFeatures | None = None) -> None:
+    def __init__(
+        self, in_features: int, random_features: RandomFeatures | None = None, *, keep_gram: bool = True
+    ) -> None:
+        """``keep_gram=False``: counts and sums only (nearest class means), no ridge solve."""
         self.in_features = in_features
         self.random_features = random_features
-        dim = random_features.dim if random_features is not None else in_features
+        dim = (random_features.dim if random_features is not None else in_features) if keep_gram else 0
         self.labels: list[str] = []
         self.counts = torch.zeros(0, dtype=torch.float64)
         self.sums = torch.zeros(0, in_features, dtype=torch.float64)
@@ -106,7 +109,7 @@ class ClassStatistics:
         if not torch.isfinite(features).all():
             raise DataError("features must be finite")
         columns = self._columns(classes)[labels]
-        h = self._lift(features)
+        h = self._lift(features) if self.dim else torch.zeros(len(labels), 0, dtype=torch.float64)
         return columns, h.T @ h, h, torch.nn.functional.one_hot(columns, len(self.labels)).double()
 
     def add(self, features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
@@ -163,7 +166,7 @@ class ClassStatistics:
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         """Tensors and a JSON-able meta dict that restore these statistics exactly (worker state)."""
         tensors = {"counts": self.counts, "sums": self.sums, "gram": self.gram, "cross": self.cross}
-        meta: dict[str, object] = {"labels": list(self.labels), "in_features": self.in_features}
+        meta: dict[str, object] = {"labels": list(self.labels), "in_features": self.in_features, "dim": self.dim}
         if self.random_features is not None:
             rf = self.random_features
             meta["random_features"] = {"dim": rf.dim, "seed": rf.seed}
@@ -179,7 +182,10 @@ class ClassStatistics:
         expected_rf = None if random_features is None else {"dim": random_features.dim, "seed": random_features.seed}
         if not isinstance(labels, list) or meta.get("random_features") != expected_rf:
             raise DataError("the stored class statistics were made for another head")
-        stats = cls(int(meta.get("in_features", -1)), random_features)  # type: ignore[call-overload]
+        in_features = meta.get("in_features")
+        if not isinstance(in_features, int) or in_features < 1:
+            raise DataError("the stored class statistics do not say their feature size")
+        stats = cls(in_features, random_features, keep_gram=meta.get("dim", 1) != 0)
         try:
             counts, sums = tensors["counts"].double(), tensors["sums"].double()
             gram, cross = tensors["gram"].double(), tensors["cross"].double()
@@ -201,7 +207,7 @@ class ClassStatistics:
         self.counts, self.sums, self.gram, self.cross = other.counts, other.sums, other.gram, other.cross
 
     def copy(self) -> ClassStatistics:
-        other = ClassStatistics(self.in_features, self.random_features)
+        other = ClassStatistics(self.in_features, self.random_features, keep_gram=self.dim > 0)
         other.labels = list(self.labels)
         other.counts, other.sums = self.counts.clone(), self.sums.clone()
         other.gram, other.cross = self.gram.clone(), self.cross.clone()

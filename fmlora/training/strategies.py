@@ -55,6 +55,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "seq-lora": _sequential_lora,
     "fmlora-no-drs": _without_drs,
     "fmlora-no-dmp": _without_dmp,
+    "fmlora-continual": _ridge_head,
     "fmlora-first-task": _ridge_head,
     "fmlora-frozen": _ridge_head,
     "fmlora-linear": _linear_head,
@@ -62,6 +63,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
 
 # Strategies that differ in how they train rather than in the model.
 TRAINING: dict[str, dict[str, Any]] = {
+    "fmlora-continual": {"adaptation": "continual"},  # adapt on every task, whatever the default
     "fmlora-first-task": {"adaptation": "first_task"},  # adapt on the first task only (RanPAC's recipe)
     "fmlora-frozen": {"adaptation": "none"},  # never adapt: the solved head on the frozen backbone
 }

@@ -3,6 +3,7 @@
 May import every layer below it (``registry``, ``training``, ``model``, ``data``).
 """
 
-from .worker import GateConfig, Worker, WorkerConfig
+from .gate import GateConfig
+from .worker import Worker, WorkerConfig
 
 __all__ = ["GateConfig", "Worker", "WorkerConfig"]

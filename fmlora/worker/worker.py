@@ -36,34 +36,16 @@ from fmlora.registry.records import WORKER_LEASE, TaskInfo, VersionInfo
 from fmlora.registry.registry import Registry
 from fmlora.registry.worker_state import WorkerState
 from fmlora.training.config import TrainConfig
-from fmlora.training.learner import Learner, TaskReport, TrainingProgress, evaluate
+from fmlora.training.learner import Learner, TaskReport, TrainingProgress, collect_features, evaluate
 from fmlora.training.metrics import AccuracyMatrix
+from fmlora.training.statistics import ncm_logits
+
+from .gate import GateConfig
+from .state import ClassState, pack_state, unpack_state
 
 __all__ = ["GateConfig", "Worker", "WorkerConfig"]
 
 log = logging.getLogger("fmlora.worker.worker")
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    """Promotion bounds: a candidate that misses any of them is kept as 'rejected' and never goes live."""
-
-    min_new_task_accuracy: float = 0.0
-    max_forgetting: float = 1.0  # the largest allowed drop of any earlier task's accuracy vs the parent
-
-    def check(self, new_task_accuracy: float, forgetting: dict[str, float]) -> list[str]:
-        reasons = []
-        if new_task_accuracy < self.min_new_task_accuracy:
-            reasons.append(
-                f"new-task accuracy {new_task_accuracy:.4f} is below the minimum {self.min_new_task_accuracy:.4f}"
-            )
-        for task, drop in forgetting.items():
-            if drop > self.max_forgetting:
-                reasons.append(
-                    f"accuracy on earlier task {task!r} dropped by {drop:.4f}, over the gate's maximum "
-                    f"{self.max_forgetting:.4f}"
-                )
-        return reasons
 
 
 @dataclass(frozen=True)
@@ -102,6 +84,8 @@ class Worker:
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
         self._eval_cache: dict[str, ImageSource] = {}
+        # The class statistics of the task in hand (set by _train, read by the gate's baseline).
+        self._classes: ClassState | None = None
 
     # -- lease ---------------------------------------------------------------------------------
     def _hold_lease(self) -> bool:
@@ -295,7 +279,8 @@ class Worker:
         self, model: FMLoRAModel, data: TaskData, state: WorkerState | None, task: TaskInfo
     ) -> tuple[TaskReport, WorkerState | None]:
         """Learn ``data`` into ``model`` (starting from the parent's worker ``state``); return the
-        training report and the worker state to publish with the new version (here: carried over)."""
+        training report and the worker state to publish with the new version: the class statistics
+        the ridge head is solved from and the training-free baseline's (``fmlora/worker/state.py``)."""
         last_report = [0.0]
 
         def progress(p: TrainingProgress) -> None:
@@ -307,8 +292,13 @@ class Worker:
                 self.registry.update_task(task.id, self.id, progress=fields)
                 self._stage("progress", **fields)
 
-        report = Learner(self.config.train).learn_task(model, data, progress)
-        return report, state
+        classes = unpack_state(state, model)
+        report = Learner(self.config.train).learn_task(model, data, progress, classes.ridge)
+        # The baseline's statistics: the frozen backbone's features of the task's training images.
+        frozen = collect_features(model, data.train, self.config.train.eval_batch_size, model.backbone_features)
+        classes.baseline.add(frozen, data.train.labels, data.train.classes)
+        self._classes = classes
+        return report, pack_state(classes)
 
     def _evaluate(self, model: FMLoRAModel, parent: VersionInfo | None, report: dict[str, Any]) -> dict[str, Any]:
         names = [t.name for t in model.tasks]
@@ -333,7 +323,9 @@ class Worker:
             for name, acc in zip(names[:-1], row[:-1], strict=True)
             if name in previous
         }
-        reasons = self.config.gate.check(row[-1], forgetting)
+        overall = matrix.summary()["final_accuracy"]
+        baseline = self._baseline(model, sets)
+        reasons = self.config.gate.check(row[-1], forgetting, overall, baseline)
         train = {k: report[k] for k in ("epochs", "steps", "final_loss", "seconds", "trainable_parameters")}
         train["rank"] = report["task"].get("rank")
         return {
@@ -350,8 +342,27 @@ class Worker:
                 "reasons": reasons,
                 "min_new_task_accuracy": self.config.gate.min_new_task_accuracy,
                 "max_forgetting": self.config.gate.max_forgetting,
+                "baseline": baseline,
+                "baseline_tolerance": self.config.gate.baseline_tolerance,
             },
         }
+
+    def _baseline(self, model: FMLoRAModel, sets: list[ImageSource]) -> dict[str, float] | None:
+        """The training-free baseline on the same held-out sets: cosine nearest class mean over the
+        frozen backbone's features, from the class statistics the worker keeps."""
+        classes = self._classes
+        if classes is None or self.config.gate.baseline_tolerance is None or not classes.baseline.labels:
+            return None
+        stats = classes.baseline
+        batch = self.config.train.eval_batch_size
+        position = {c: i for i, c in enumerate(stats.labels)}
+        correct = []
+        for data in sets:
+            scores = ncm_logits(collect_features(model, data, batch, model.backbone_features), stats.means)
+            target = torch.tensor([position.get(c, -1) for c in data.classes], dtype=torch.long)[data.labels]
+            correct.append((scores.argmax(dim=1) == target).double())
+        everything = torch.cat(correct)
+        return {"new_task": float(correct[-1].mean()), "overall": float(everything.mean())}
 
     def _publish(
         self,
