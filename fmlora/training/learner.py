@@ -22,7 +22,7 @@ from fmlora.model.rank_selector import task_complexity, task_novelty
 from .config import TrainConfig
 from .metrics import AccuracyMatrix
 from .objectives import LinearObjective, Objective, PrototypeObjective
-from .statistics import ClassStatistics
+from .statistics import ClassStatistics, RidgeSolution
 
 __all__ = ["Learner", "TaskReport", "TrainingProgress", "collect_features", "evaluate", "new_statistics"]
 
@@ -190,9 +190,13 @@ class Learner:
                 model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).query, cfg.loader_workers
             )
             task_key = queries.mean(0)
+        # Solved before the task ends (in eval mode the live factors give the folded outputs), so a
+        # failure still rolls the task back; only assigning the rows is left for after.
+        solution = self._solve_head(model, task, statistics) if statistics is not None else None
         record = model.end_task(features.mean(0), task_key)
-        if statistics is not None:
-            self._solve_head(model, task, statistics)
+        if solution is not None and statistics is not None:
+            order = [statistics.labels.index(label) for label in model.head.labels]
+            model.head.set_rows(solution.weight.T[order])
         return TaskReport(
             task=record,
             epochs=cfg.epochs if trained else 0,
@@ -259,15 +263,13 @@ class Learner:
             bar.close()
         return step, loss_value
 
-    def _solve_head(self, model: FMLoRAModel, task: TaskData, statistics: ClassStatistics) -> None:
-        """Add the task's features under the finished model to the statistics; solve every row."""
+    def _solve_head(self, model: FMLoRAModel, task: TaskData, statistics: ClassStatistics) -> RidgeSolution:
+        """Add the task's features under the trained model to the statistics; solve every row."""
         cfg = self.config
         after = collect_features(
             model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).features, cfg.loader_workers
         )
-        solution = statistics.add_task(after, task.train.labels, task.classes, seed=cfg.seed * 1009 + len(model.tasks))
-        order = [statistics.labels.index(label) for label in model.head.labels]
-        model.head.set_rows(solution.weight.T[order])
+        return statistics.add_task(after, task.train.labels, task.classes, seed=cfg.seed * 1009 + len(model.tasks))
 
     def _lr_lambda(self, total: int) -> Callable[[int], float]:
         warmup = int(self.config.warmup_fraction * total)
