@@ -61,20 +61,20 @@ class _Request:
         return len(self.items) - self.next_index
 
 
-@dataclass
+@dataclass(frozen=True)
 class BatchStats:
-    queue_items: int
-    queue_requests: int
-    batches_total: int
-    items_total: int
-    requests_total: int
-    rejected_total: int
-    timeouts_total: int
-    errors_total: int
-    last_batch_size: int
-    last_batch_seconds: float
-    mean_batch_size: float
-    throughput_items_per_s: float
+    queue_items: int = 0
+    queue_requests: int = 0
+    batches_total: int = 0
+    items_total: int = 0
+    requests_total: int = 0
+    rejected_total: int = 0
+    timeouts_total: int = 0
+    errors_total: int = 0
+    last_batch_size: int = 0
+    last_batch_seconds: float = 0.0
+    mean_batch_size: float = 0.0
+    throughput_items_per_s: float = 0.0
 
 
 def _settle(future: concurrent.futures.Future[Any], result: Any = None, error: BaseException | None = None) -> None:

@@ -12,8 +12,15 @@ import torch
 
 from fmlora.errors import PromptError, UnknownTaskError, VersionNotFoundError
 from fmlora.model import FMLoRAModel, PromptConfig, load_snapshot
-from server.core.engine import Engine, EngineConfig, InvalidRequestError, TorchBackend, model_crop_pct
-from server.core.errors import InvalidImageInput, NoModelError, NotReadyError, VersionUnavailableError
+from server.core.backends.torch import TorchBackend
+from server.core.engine import Engine, EngineConfig
+from server.core.errors import (
+    InvalidImageInput,
+    InvalidRequestError,
+    NoModelError,
+    NotReadyError,
+    VersionUnavailableError,
+)
 from server.core.images import prepare_image
 from tests.conftest import TINY_RANDOM, tiny_config
 from tests.unit.server_core.conftest import Publisher, image, seeded_model
@@ -32,7 +39,7 @@ def reference_probs(publisher: Publisher, version: int, images: list[np.ndarray]
     model = seeded_model(publisher.config).eval()
     load_snapshot(model, publisher.registry.snapshot_dir(version))
     size = model.preprocessor.input_size
-    arrays = np.stack([prepare_image(im, size, model_crop_pct(model)) for im in images])
+    arrays = np.stack([prepare_image(im, size, model.preprocessor.crop_pct) for im in images])
     x = model.preprocessor(torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous())
     with torch.no_grad():
         return model(x, prompt).softmax(-1), model.labels
@@ -40,7 +47,7 @@ def reference_probs(publisher: Publisher, version: int, images: list[np.ndarray]
 
 def test_ready_without_a_live_version_but_predict_is_503(make_engine):
     engine = make_engine()
-    assert engine.ready and engine.serving_version is None and engine.labels == []
+    assert engine.ready and engine.serving_version is None and engine.serving is None
     with pytest.raises(NoModelError) as info:
         asyncio.run(engine.predict([image(0)]))
     assert info.value.status_code == 503 and info.value.retry_after
@@ -59,7 +66,7 @@ def test_predict_before_start_and_after_stop_is_not_ready(publisher):
 def test_predictions_equal_the_version_run_alone(publisher, make_engine):
     v1 = publisher.learn_and_publish("digits", ["one", "two", "three"])
     engine = make_engine()
-    assert engine.serving_version == v1 and engine.labels == ["one", "two", "three"]
+    assert engine.serving_version == v1 and engine.serving.labels == ("one", "two", "three")
     images = [image(1), image(2, (50, 17)), image(3, (1, 1))]
     prediction = asyncio.run(engine.predict(images, top_k=3))
     assert prediction.model_version == v1
@@ -263,7 +270,7 @@ def test_explicit_reload_without_the_watcher(publisher, make_engine):
     v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
     time.sleep(0.1)
     assert engine.serving_version is None  # nobody polls
-    assert engine.reload() == v1 and engine.labels == ["cat", "dog"]
+    assert engine.reload() == v1 and engine.serving.labels == ("cat", "dog")
     assert asyncio.run(engine.areload()) == v1
 
 
