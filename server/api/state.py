@@ -22,6 +22,7 @@ class ServerState:
     metrics: ServerMetrics
     registry: Registry | None = None
     engine: ServingEngine | None = None  # built by the lifespan once the registry is open
+    freeze_gc_at_start: bool = False
     started: bool = False
     stopping: bool = False
     startup_error: str | None = None

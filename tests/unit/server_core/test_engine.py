@@ -22,6 +22,7 @@ from server.core.errors import (
     VersionUnavailableError,
 )
 from server.core.images import prepare_image
+from server.core.watcher import VersionSource
 from tests.conftest import TINY_RANDOM, tiny_config
 from tests.unit.server_core.conftest import Publisher, image, seeded_model
 
@@ -377,3 +378,83 @@ def test_a_model_without_meta_prompts(tmp_path):
             assert p["score"] == pytest.approx(float(probs[0, labels.index(p["label"])]), abs=1e-5)
     finally:
         engine.stop(5)
+
+
+def test_a_swap_prepares_off_the_inference_thread_and_activation_only_rebinds(publisher, make_engine):
+    """Loading, merging and the probe run in the thread that swaps; the inference thread keeps
+    answering meanwhile, and switching to the new version there copies nothing."""
+    publisher.learn_and_publish("animals", ["cat", "dog"])
+    engine = make_engine(watch=False)
+    backend = engine._backend
+    probe_threads: list[str] = []
+    release = threading.Event()
+    real_run = backend._run
+
+    def slow_probe(model, images, choices):
+        if model is backend._shadow:
+            probe_threads.append(threading.current_thread().name)
+            assert release.wait(10)
+        return real_run(model, images, choices)
+
+    backend._run = slow_probe
+    v2 = publisher.learn_and_publish("vehicles", ["car", "bus"])
+    swapping = threading.Thread(target=engine.reload, name="swapper")
+    swapping.start()
+    try:
+        wait_for(lambda: probe_threads == ["swapper"])
+        started = time.monotonic()
+        for i in range(3):  # the probe is held: requests still get answers, from the version serving
+            assert engine.predict_sync([image(i)]).model_version == 1
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        swapping.join(10)
+    assert engine.serving_version == v2
+    switches = engine.stats()["adapter_switches_total"]
+    assert engine.predict_sync([image(0)]).model_version == v2
+    assert engine.stats()["adapter_switches_total"] == switches + 1
+    prepared = engine.serving.prepared
+    for name, layer in backend.model.adapted.items():
+        assert layer.merged_weight is prepared.merged[name]  # bound, not copied
+    head = backend.model.head
+    assert head.frozen_weight is engine.serving.tensors["head.weight"] and head.labels == ["cat", "dog", "car", "bus"]
+
+
+def test_the_shadow_shares_the_resident_backbone(make_engine):
+    backend = make_engine()._backend
+    resident = dict(backend.model.backbone.named_parameters())
+    shadow = dict(backend._shadow.backbone.named_parameters())
+    frozen = [name for name in resident if ".lora_" not in name and "prompt" not in name]
+    assert frozen and all(shadow[name].data_ptr() == resident[name].data_ptr() for name in frozen)
+    assert backend._shadow.backbone is not backend.model.backbone
+
+
+def test_an_engine_told_not_to_follow_the_registry_keeps_its_version(publisher, make_engine):
+    v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
+    engine = make_engine(follow_registry=False)
+    v2 = publisher.learn_and_publish("vehicles", ["car"])
+    time.sleep(0.1)  # five poll intervals
+    assert engine.reload() == v1 and engine.serving_version == v1
+    assert engine.predict_sync([image(0)]).model_version == v1 and publisher.registry.live_version() == v2
+    assert engine.stats()["registry_polls_total"] == 0
+
+
+def test_a_version_source_of_its_own_tells_the_engine(publisher, make_engine):
+    """The seam for sources other than polling (e.g. database notifications): ``_watch`` alone."""
+    v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
+    notified = threading.Event()
+
+    class NotifiedSource(VersionSource):
+        def _watch(self, stop: threading.Event) -> None:
+            while not stop.is_set():
+                if notified.wait(0.05):
+                    notified.clear()
+                    self.check_safely()
+
+    engine = make_engine(source=lambda read, current, apply: NotifiedSource(read, current, apply))
+    assert engine.serving_version == v1
+    v2 = publisher.learn_and_publish("vehicles", ["car"])
+    time.sleep(0.1)
+    assert engine.serving_version == v1  # nobody said anything
+    notified.set()
+    wait_for(lambda: engine.serving_version == v2)
