@@ -25,21 +25,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import TypeVar
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import asdict
+from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
-from fmlora.errors import FmloraError, UnknownTaskError, VersionNotFoundError
+from fmlora.errors import FmloraError
 from fmlora.model.model import FMLoRAModel
-from fmlora.model.prompts import PromptChoice
 from server.core.backends import Backend, make_backend
 from server.core.batcher import BatchStats, MicroBatcher
 from server.core.config import EngineConfig, resolve_device, resolve_dtype
 from server.core.errors import (
     InferenceError,
-    InvalidRequestError,
     NoModelError,
     NotReadyError,
     RequestTimeoutError,
@@ -47,6 +45,7 @@ from server.core.errors import (
 )
 from server.core.images import Resizer
 from server.core.protocol import BatchCallback, EngineInfo, EngineStats, PromptInput, SwapCallback
+from server.core.request import Item, check_prompt, check_version_number, parse_request, within
 from server.core.results import ImageResult, Prediction, answer_batch
 from server.core.versions import KnownBadVersionError, RegistryView, VersionCache, VersionEntry
 from server.core.watcher import PollingSource, VersionSource
@@ -56,45 +55,25 @@ __all__ = ["Engine", "EngineConfig", "SourceFactory", "resolve_device", "resolve
 log = logging.getLogger("fmlora.server.core.engine")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 # (read the live version, the serving version, swap to a version) -> the source that follows the registry
 SourceFactory = Callable[[Callable[[], int | None], Callable[[], int | None], Callable[[int], None]], VersionSource]
 
 
-@dataclass(frozen=True)
-class _Item:
-    image: np.ndarray  # uint8 (H, W, 3) at the model's input size
-    choice: PromptChoice
-    top_k: int
+def _blocking(
+    method: Callable[Concatenate[Engine, P], Coroutine[object, object, T]],
+) -> Callable[Concatenate[Engine, P], T]:
+    """``method`` (a coroutine method of the engine) for callers without an event loop."""
 
+    def blocking(engine: Engine, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return engine._run_blocking(method(engine, *args, **kwargs))
 
-def _check_version_number(version: object) -> int:
-    """Version numbers are SQLite integers >= 1; anything else cannot exist (404, never a 500)."""
-    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or not 1 <= version < 2**63:
-        raise VersionNotFoundError(f"version {version!r} does not exist")
-    return int(version)
-
-
-def _parse_request(images: Sequence[np.ndarray], top_k: int, prompt: PromptInput) -> tuple[PromptChoice, int]:
-    if images is None or len(images) == 0:
-        raise InvalidRequestError("a prediction needs at least one image")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise InvalidRequestError(f"top_k must be a positive integer, got {top_k!r}")
-    return PromptChoice.parse(prompt), int(top_k)
-
-
-def _check_prompt(entry: VersionEntry, choice: PromptChoice) -> None:
-    if choice.mode == "task" and choice.task not in entry.task_names:
-        known = ", ".join(entry.task_names) or "none yet"
-        raise UnknownTaskError(
-            f"unknown task {choice.task!r} for prompt selection in version {entry.version} (known: {known})"
-        )
-
-
-async def _within(awaitable: Awaitable[T], deadline: float) -> T:
-    try:
-        return await asyncio.wait_for(awaitable, max(deadline - time.monotonic(), 0.001))
-    except asyncio.TimeoutError:
-        raise RequestTimeoutError("the request did not complete within its timeout") from None
+    blocking.__name__ = f"{method.__name__}_sync"
+    blocking.__doc__ = (
+        f"``{method.__name__}`` for callers without an event loop (scripts, benchmarks, tests): the same "
+        "coroutine, run on an event loop thread of the engine's own."
+    )
+    return blocking
 
 
 class Engine:
@@ -437,45 +416,37 @@ class Engine:
             assert self._batcher is not None and self._resizer is not None
             timeout = self.config.request_timeout_s if timeout_s is None else timeout_s
             deadline = time.monotonic() + timeout
-            choice, k = _parse_request(images, top_k, prompt)
+            choice, k = parse_request(images, top_k, prompt)
             entry = self._live if version is None else await self._pinned(version, deadline)
             if entry is None:
                 raise NoModelError("no model version is live yet: submit a task and wait for it to be learned")
-            _check_prompt(entry, choice)
-            prepared = await _within(self._resizer.prepare(images), deadline)
+            check_prompt(entry, choice)
+            prepared = await within(self._resizer.prepare(images), deadline)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RequestTimeoutError(f"the request did not complete within {timeout:g} s")
-            results = await self._batcher.run(entry, [_Item(image, choice, k) for image in prepared], remaining)
+            results = await self._batcher.run(entry, [Item(image, choice, k) for image in prepared], remaining)
             return Prediction(entry.version, entry.sha256, results)
 
     async def _pinned(self, version: int, deadline: float) -> VersionEntry:
         assert self._cache is not None
-        cached = self._cache.get(_check_version_number(version))
+        cached = self._cache.get(check_version_number(version))
         if cached is not None:
             return cached
         loop = asyncio.get_running_loop()
-        return await _within(loop.run_in_executor(self._load_pool, self._load_pinned, version), deadline)
+        return await within(loop.run_in_executor(self._load_pool, self._load_pinned, version), deadline)
 
     def _load_pinned(self, version: int) -> VersionEntry:
         assert self._cache is not None
         return self._cache.load(version, self.registry.get_version(version).sha256)  # unknown: 404
 
-    def predict_sync(
-        self,
-        images: Sequence[np.ndarray],
-        top_k: int = 5,
-        prompt: PromptInput = "auto",
-        version: int | None = None,
-        *,
-        timeout_s: float | None = None,
-    ) -> Prediction:
-        """``predict`` for callers without an event loop (scripts, benchmarks, tests): the same
-        coroutine, run on an event loop thread of the engine's own."""
+    def _run_blocking(self, coroutine: Coroutine[object, object, T]) -> T:
         if not self._ready:
+            coroutine.close()
             raise self._not_ready()
-        coroutine = self.predict(images, top_k, prompt, version, timeout_s=timeout_s)
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop_for_sync_callers()).result()
+
+    predict_sync = _blocking(predict)
 
     def _loop_for_sync_callers(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -491,7 +462,7 @@ class Engine:
             return self._sync_loop
 
     # -- the inference thread ------------------------------------------------------------------
-    def _run_batch(self, entry: VersionEntry, items: list[_Item]) -> list[ImageResult]:
+    def _run_batch(self, entry: VersionEntry, items: list[Item]) -> list[ImageResult]:
         assert self._backend is not None
         self._backend.activate(entry)
         choices = [it.choice for it in items]

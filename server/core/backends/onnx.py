@@ -27,9 +27,9 @@ from fmlora.export.onnx import OnnxSpec, adapter_feeds, export_onnx, prompt_indi
 from fmlora.model.model import FMLoRAModel
 from fmlora.model.prompts import PromptChoice
 from fmlora.model.snapshot import Snapshot, check_compatible
-from server.core.backends.protocol import BackendInfo, check_probe, probe_choices, probe_images
+from server.core.backends.protocol import BackendInfo, probe_images, run_probe
 from server.core.errors import InferenceError
-from server.core.versions import PreparedVersion, SnapshotWarmupError, VersionEntry
+from server.core.versions import PreparedVersion, VersionEntry
 
 __all__ = ["OnnxBackend", "onnx_available"]
 
@@ -144,13 +144,12 @@ class OnnxBackend:
 
     def prepare(self, entry: VersionEntry) -> _Feeds:
         prepared = _Feeds(adapter_feeds(self.model, entry.tensors))
-        choices = probe_choices(entry)
-        index = prompt_indices(choices, entry.task_names) if self.spec.prompts else None
-        try:
-            logits, *_ = self._run(probe_images(len(choices), self.input_size), index, prepared.feeds)
-        except Exception as exc:
-            raise SnapshotWarmupError(f"version {entry.version} failed its warm-up: {exc}") from exc
-        check_probe(entry, logits, len(choices))
+
+        def forward(images: np.ndarray, choices: list[PromptChoice]) -> np.ndarray:
+            index = prompt_indices(choices, entry.task_names) if self.spec.prompts else None
+            return self._run(images, index, prepared.feeds)[0]
+
+        run_probe(entry, self.input_size, forward)
         return prepared
 
     # -- inference thread --------------------------------------------------------------------

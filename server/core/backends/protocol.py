@@ -8,7 +8,7 @@ inference thread. ``prepare`` does all per-version work (merged weights, feeds, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypedDict
 
 import numpy as np
@@ -19,7 +19,7 @@ from fmlora.model.prompts import PromptChoice
 from fmlora.model.snapshot import Snapshot
 from server.core.versions import PreparedVersion, SnapshotWarmupError, VersionEntry
 
-__all__ = ["Backend", "BackendInfo", "check_probe", "probe_choices", "probe_images"]
+__all__ = ["Backend", "BackendInfo", "probe_images", "run_probe"]
 
 
 class BackendInfo(TypedDict):
@@ -69,18 +69,25 @@ def probe_images(n: int, size: tuple[int, int]) -> np.ndarray:
     return images
 
 
-def probe_choices(entry: VersionEntry) -> list[PromptChoice]:
-    """One probe image per prompt path: auto, none, and the first task by name."""
+def run_probe(
+    entry: VersionEntry,
+    size: tuple[int, int],
+    forward: Callable[[np.ndarray, list[PromptChoice]], torch.Tensor | np.ndarray],
+) -> None:
+    """Check a prepared version on one probe image per prompt path (auto, none, its first task):
+    finite logits over exactly its labels, else ``SnapshotWarmupError``. Out of memory is transient
+    (re-raised as is: the version cache retries it after a backoff)."""
     choices = [PromptChoice("auto"), PromptChoice("none")]
     if entry.tasks:
         choices.append(PromptChoice("task", entry.tasks[0].name))
-    return choices
-
-
-def check_probe(entry: VersionEntry, logits: torch.Tensor | np.ndarray, rows: int) -> None:
-    """A version's probe outputs must be finite logits over exactly its labels."""
+    try:
+        logits = forward(probe_images(len(choices), size), choices)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        raise SnapshotWarmupError(f"version {entry.version} failed its warm-up: {exc}") from exc
     shape = tuple(logits.shape)
     finite = bool(np.isfinite(logits).all()) if isinstance(logits, np.ndarray) else bool(torch.isfinite(logits).all())
-    if shape != (rows, len(entry.labels)) or not finite:
+    if shape != (len(choices), len(entry.labels)) or not finite:
         problem = "non-finite outputs" if not finite else f"outputs of shape {shape}"
         raise SnapshotWarmupError(f"version {entry.version} failed its warm-up: {problem}")

@@ -30,9 +30,9 @@ from torch import nn
 from fmlora.model.model import FMLoRAModel, TaskRecord
 from fmlora.model.prompts import PromptChoice
 from fmlora.model.snapshot import Snapshot, check_compatible
-from server.core.backends.protocol import BackendInfo, check_probe, probe_choices, probe_images
+from server.core.backends.protocol import BackendInfo, probe_images, run_probe
 from server.core.errors import InferenceError
-from server.core.versions import PreparedVersion, SnapshotWarmupError, VersionEntry
+from server.core.versions import PreparedVersion, VersionEntry
 
 __all__ = ["TorchBackend"]
 
@@ -139,19 +139,12 @@ class TorchBackend:
             for key, slot in self._slots.tensors.items()
         }
         state = _Prepared(tensors, {}, tuple(entry.labels), tuple(entry.label_tasks), tuple(entry.tasks))
-        choices = probe_choices(entry)
         with self._prepare_lock:
             self._shadow_slots.bind(state, merged=False)
             if self.merge:
                 self._shadow.merge()
                 state = replace(state, merged={n: layer.merged_weight for n, layer in self._shadow.adapted.items()})
-            try:
-                logits, _ = self._run(self._shadow, probe_images(len(choices), self.input_size), choices)
-            except torch.cuda.OutOfMemoryError:
-                raise  # transient: the version cache retries it after a backoff
-            except Exception as exc:
-                raise SnapshotWarmupError(f"version {entry.version} failed its warm-up: {exc}") from exc
-        check_probe(entry, logits, len(choices))
+            run_probe(entry, self.input_size, lambda images, choices: self._run(self._shadow, images, choices)[0])
         return state
 
     # -- inference thread --------------------------------------------------------------------
