@@ -292,8 +292,12 @@ def test_batch_hooks_and_stats(publisher, make_engine):
     asyncio.run(engine.predict([image(i) for i in range(5)]))
     assert sum(sizes) == 5
     stats = engine.stats()
-    for key in ("queue_depth", "swaps_total", "swaps_failed", "last_swap_seconds", "batches_total", "mean_batch_size"):
-        assert key in stats
+    assert stats["items_total"] == 5 and stats["batches_total"] == len(sizes) and stats["requests_total"] == 1
+    assert stats["mean_batch_size"] == pytest.approx(5 / len(sizes)) and stats["queue_depth"] == 0
+    assert stats["swaps_total"] == 1 and stats["swaps_failed"] == 0 and stats["last_swap_seconds"] > 0
+    assert stats["serving_version"] == 1 and stats["versions"]["cached_versions"] == [1]
+    wait_for(lambda: engine.stats()["registry_polls_total"] > 0)  # the watcher polls every 20 ms
+    assert engine.stats()["registry_live_version"] == 1
     info = engine.describe()
     assert info["device"] == "cpu" and info["dtype"] == "float32" and info["input_size"] == [32, 32]
 
