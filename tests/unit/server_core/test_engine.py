@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 
@@ -462,3 +463,20 @@ def test_a_version_source_of_its_own_tells_the_engine(publisher, make_engine):
     assert engine.serving_version == v1  # nobody said anything
     notified.set()
     wait_for(lambda: engine.serving_version == v2)
+
+
+def test_swaps_reuse_the_merged_weights_of_released_versions(publisher, make_engine):
+    """Once the cache is full, a swap allocates no new merged weights: a version's storage comes back
+    as soon as the cache drops it and no model binds it (by reference counting, not a later GC)."""
+    publisher.learn_and_publish("animals", ["cat", "dog"])
+    engine = make_engine(watch=False, cached_versions=2)
+    gc.disable()
+    try:
+        for i in range(8):
+            publisher.learn_and_publish(f"task{i}", [f"c{i}"])
+            engine.reload()
+            assert engine.predict_sync([image(i)]).model_version == engine.serving_version
+        # Two cached, one more while the next loads, and the shadow's: never more alive at once.
+        assert engine._backend._storage.allocated <= 4
+    finally:
+        gc.enable()
