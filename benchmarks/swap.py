@@ -21,7 +21,14 @@ Checked on every response: its ``model_version`` was a good version live (in the
 request or at most ``--max-lag-s`` before it, never a bad or unpublished one; per client, versions
 never go backwards except across a rollback.
 
-    python benchmarks/swap.py --out runs/swap [--swaps 200] [--clients 8] [--seconds N]
+``--control`` then runs the same again against a second server told to ignore the registry
+(``FMLORA_FOLLOW_REGISTRY=false``): the same clients, the same publishes and rollbacks in the same
+order and at the same moments, the same readiness polls, but no swap. On a small machine the
+publisher and the benchmark compete with the server for CPU; the control's storm p99 is what that
+competition costs, so ``swap_added_p99`` (storm p99 over the control's storm p99, each over its own
+steady p99) is what swapping itself costs.
+
+    python benchmarks/swap.py --out runs/swap [--swaps 200] [--clients 8] [--seconds N] [--control]
 
 Writes ``swap.json`` and ``swap.png`` (latency over time with swap marks) in ``--out``.
 """
@@ -45,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import encode_image, random_images
-from benchmarks.report import summarize, write_json
+from benchmarks.report import ratio, summarize, write_json
 
 __all__ = [
     "LoadGenerator",
@@ -346,7 +353,7 @@ class SwapConfig:
     rollback_every: int = 10
     task_every: int = 10
     bad_rounds: int = 2
-    bad_kinds: tuple[str, ...] | None = None  # default: every kind in _publish.BAD_KINDS
+    bad_kinds: tuple[str, ...] | None = None  # default: every kind in benchmarks.publish.BAD_KINDS
     backbone: str = "offline"
     device: str = "cpu"
     dtype: str = "auto"
@@ -360,19 +367,118 @@ class SwapConfig:
     plot: bool = True
     keep_home: bool = False
     server_settings: dict[str, Any] = field(default_factory=dict)
+    control: bool = False  # then replay the storm against a server that ignores the registry
 
 
 def run_swap(cfg: SwapConfig) -> dict[str, Any]:
-    """Run the three phases against a fresh server and home; returns (and writes) the results."""
+    """Run the three phases against a fresh server and home (and the control run after them, with
+    ``cfg.control``); returns (and writes) the results."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
     work = Path(tempfile.mkdtemp(prefix="fmlora-swap-"))
     try:
-        return _run_swap(cfg, out, work, rng)
+        result = _run_swap(cfg, out, work, rng)
+        if cfg.control:
+            result.update(_with_control(result, _run_control(cfg, result["swaps"], out, work / "control")))
+            write_json(out / "swap.json", result)
+        return result
     finally:
         if not cfg.keep_home:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_control(cfg: SwapConfig, plan: Sequence[Mapping[str, Any]], out: Path, work: Path) -> dict[str, Any]:
+    """The storm of ``plan`` (the real run's swap rows) replayed against a server that ignores the
+    registry: same publishes, rollbacks, readiness polls and pauses, at the same pace; no swap."""
+    from benchmarks.models import model_config
+    from benchmarks.processes import ServerProcess
+    from benchmarks.publish import Publisher
+    from fmlora.registry.registry import Registry
+
+    registry = Registry.open(work / "home", model_config(cfg.backbone, work / "weights"))
+    publisher = Publisher(registry, seed=cfg.seed)
+    publisher.publish(new_task=True)
+    publisher.publish(new_task=True)
+    size = publisher.model.preprocessor.input_size
+    settings = {"poll_interval_s": cfg.poll_interval_s, "device": cfg.device, "dtype": cfg.dtype}
+    settings.update(cfg.server_settings, follow_registry=False)
+    gap = cfg.seconds / max(1, cfg.swaps) if cfg.seconds else cfg.gap_ms / 1000
+    phases: dict[str, tuple[float, float]] = {}
+    mismatched = 0
+    log_path = out / "server-control.log"
+    with ServerProcess(work / "home", settings=settings, threads=cfg.threads, log_path=log_path) as server:
+        control = Control(server.url, server.admin_key)
+        load = LoadGenerator(server.url, cfg.clients, predict_bodies(size, seed=cfg.seed), think_s=cfg.think_ms / 1000)
+        load.start()
+        try:
+            for name, seconds in (("warmup", cfg.warmup_s), ("steady", cfg.steady_s)):
+                a = time.monotonic()
+                time.sleep(seconds)
+                phases[name] = (a, time.monotonic())
+            a = time.monotonic()
+            for row in plan:
+                started = time.monotonic()
+                kind, version = row["kind"], row["version"]
+                if kind == "rollback-http":
+                    control.activate(version)
+                elif kind == "rollback-registry":
+                    publisher.rollback(version)
+                else:
+                    mismatched += publisher.publish(new_task=kind == "task").version != version
+                polled_until = time.monotonic() + (row["served_poll_s"] or 0.0)
+                control.serving()  # as wait_serving polls in the real run, for as long as it did there
+                while time.monotonic() < polled_until:
+                    time.sleep(0.005)
+                    control.serving()
+                if "models_serving" in row:
+                    control.models_serving()
+                remaining = gap - (time.monotonic() - started)
+                if remaining > 0:
+                    time.sleep(remaining)
+            phases["storm"] = (a, time.monotonic())
+            a = time.monotonic()
+            time.sleep(min(2.0, cfg.warmup_s))
+            phases["tail"] = (a, time.monotonic())
+            served = control.serving()
+        finally:
+            requests = load.stop()
+            control.close()
+    latency: dict[str, dict[str, Any]] = {}
+    for name, (a, b) in phases.items():
+        rs = [r for r in requests if a <= r.t0 < b]
+        latency[name] = summarize([r.t1 - r.t0 for r in rs if r.status == 200])
+        latency[name]["failed"] = sum(1 for r in rs if r.status != 200)
+        latency[name]["throughput_rps"] = round(len(rs) / (b - a), 2) if b > a else None
+    return {
+        "requests": {"total": len(requests), "failed": sum(1 for r in requests if r.status != 200)},
+        "latency_ms": latency,
+        "served_at_end": served,  # the version live at start: the control never swapped
+        "replayed": len(plan),
+        "version_mismatches": mismatched,
+        "phases_s": {k: round(b - a, 3) for k, (a, b) in phases.items()},
+    }
+
+
+def _with_control(result: Mapping[str, Any], control: dict[str, Any]) -> dict[str, Any]:
+    """What swapping itself adds to the storm's p99, beyond publishing next to the server."""
+    p99 = {
+        (run, phase): latency.get(phase, {}).get("p99_ms")
+        for run, latency in (("swap", result["latency_ms"]), ("control", control["latency_ms"]))
+        for phase in ("steady", "storm")
+    }
+    control["p99_storm_over_steady"] = ratio(p99["control", "storm"], p99["control", "steady"])
+    raw = ratio(p99["swap", "storm"], p99["control", "storm"])
+    normalized = ratio(result["p99_storm_over_steady"], control["p99_storm_over_steady"])
+    targets = dict(result["targets"])
+    targets["swap_added_p99_le_10pct"] = None if normalized is None else normalized <= 1.10
+    targets["control_failed_requests_zero"] = control["requests"]["failed"] == 0
+    return {
+        "control": control,
+        "p99_storm_over_control_storm": raw,
+        "swap_added_p99": None if normalized is None else round(normalized - 1, 3),
+        "targets": targets,
+    }
 
 
 def _run_swap(cfg: SwapConfig, out: Path, work: Path, rng: random.Random) -> dict[str, Any]:
@@ -682,6 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-lag-s", type=float, default=5.0)
     p.add_argument("--think-ms", type=float, default=0.0, help="pause between a client's requests")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--control", action="store_true", help="also replay the storm on a server that ignores it")
     args = p.parse_args(argv)
     cfg = SwapConfig(
         out=args.out,
@@ -701,6 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_lag_s=args.max_lag_s,
         think_ms=args.think_ms,
         seed=args.seed,
+        control=args.control,
     )
     result = run_swap(cfg)
     brief = {
@@ -715,6 +823,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bad_published": result["bad"]["published"],
         "bad_refused_by_metrics": result["bad"]["refused_by_metrics"],
     }
+    if cfg.control:
+        latency = result["control"]["latency_ms"]
+        brief["control"] = {
+            "failed": result["control"]["requests"]["failed"],
+            "p99_steady_ms": latency["steady"]["p99_ms"],
+            "p99_storm_ms": latency["storm"]["p99_ms"],
+            "p99_storm_over_steady": result["control"]["p99_storm_over_steady"],
+        }
+        brief["swap_added_p99"] = result["swap_added_p99"]
     print(json.dumps(brief, indent=2))
     return 0
 

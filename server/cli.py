@@ -204,7 +204,7 @@ def serve(
 
     bound_port = sock.getsockname()[1]
     base = f"http://{_display_host(settings.host)}:{bound_port}"
-    app = create_app(settings, registry=registry)
+    app = create_app(settings, registry=registry, freeze_gc_at_start=True)
     config = uvicorn.Config(
         app,
         log_level=settings.log_level,

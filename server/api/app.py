@@ -9,12 +9,10 @@ finish (``shutdown_timeout_s``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
@@ -24,17 +22,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fmlora._version import __version__
 from fmlora.model.config import BackboneConfig, ModelConfig, override_backbone
-from fmlora.registry.registry import Registry, VersionInfo
+from fmlora.registry.registry import Registry
 from server.api.console import install_console
 from server.api.errors import ApiError, RequestContextMiddleware, error_response, install_error_handlers, request_id_of
 from server.api.metrics import ServerMetrics
 from server.api.routes import health, models, predict, tasks, whoami
+from server.api.routes._common import COMMON_RESPONSES
 from server.api.settings import Settings
-from server.core.errors import NotReadyError
+from server.api.state import ServerState
+from server.core.engine import Engine, EngineConfig
+from server.core.protocol import ServingEngine
 
-from .routes._common import COMMON_RESPONSES
-
-__all__ = ["BodyLimitMiddleware", "ServerState", "create_app", "model_config_for", "open_registry"]
+__all__ = ["BodyLimitMiddleware", "ServerState", "build_engine", "create_app", "model_config_for", "open_registry"]
 
 log = logging.getLogger("fmlora.server")
 
@@ -49,110 +48,6 @@ Every error is `{"error": {"type", "message", "request_id"}}`; every response ca
 Keys go in `Authorization: Bearer <key>`: the admin key for `POST /tasks` and activation, the API key
 (when the server sets one) for everything else except health and metrics.
 """
-
-
-@dataclass
-class ServerState:
-    """Everything the routes need, on ``app.state.fmlora``."""
-
-    settings: Settings
-    metrics: ServerMetrics
-    registry: Registry | None = None
-    engine: Any = None
-    started: bool = False
-    stopping: bool = False
-    startup_error: str | None = None
-    start_task: asyncio.Task[None] | None = None
-    _versions: OrderedDict[int, VersionInfo] = field(default_factory=OrderedDict)
-    _versions_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    # -- readiness ---------------------------------------------------------------------------
-    def is_ready(self) -> bool:
-        return self.started and not self.stopping and self.engine is not None and bool(self.engine.ready)
-
-    def ensure_ready(self) -> None:
-        if self.is_ready():
-            return
-        if self.startup_error is not None:
-            raise NotReadyError("the inference engine failed to start; see the server log", retry_after=30)
-        if self.stopping:
-            raise NotReadyError("the server is shutting down")
-        raise NotReadyError("the model is still loading; retry shortly")
-
-    def require_registry(self) -> Registry:
-        if self.registry is None:
-            raise NotReadyError("the registry is not open yet")
-        return self.registry
-
-    # -- descriptions ------------------------------------------------------------------------
-    def backbone_name(self) -> str:
-        if self.registry is not None:
-            return self.registry.model_config.backbone.name
-        return ""
-
-    def _describe(self) -> dict[str, Any]:
-        describe = getattr(self.engine, "describe", None)
-        if not callable(describe):
-            return {"device": getattr(self.engine, "device", None), "dtype": getattr(self.engine, "dtype", None)}
-        try:
-            return dict(describe())
-        except Exception:
-            return {}
-
-    def device_name(self) -> str:
-        value = self._describe().get("device")
-        return str(value) if value else self.settings.device
-
-    def dtype_name(self) -> str:
-        value = self._describe().get("dtype")
-        return str(value).removeprefix("torch.") if value else self.settings.dtype
-
-    def task_names(self) -> list[str]:
-        names = []
-        for t in getattr(self.engine, "tasks", None) or []:
-            names.append(t if isinstance(t, str) else getattr(t, "name", str(t)))
-        return names
-
-    def version_info(self, version: int | None) -> VersionInfo | None:
-        """Cached registry lookup: a version's card and size never change once published."""
-        if version is None or self.registry is None:
-            return None
-        with self._versions_lock:
-            info = self._versions.get(version)
-        if info is None:
-            try:
-                info = self.registry.get_version(version)
-            except Exception:
-                return None
-            with self._versions_lock:
-                self._versions[version] = info
-                while len(self._versions) > 32:
-                    self._versions.popitem(last=False)
-        return info
-
-    def metrics_state(self) -> dict[str, Any]:
-        """What /metrics reports at scrape time (called in a worker thread)."""
-        engine = self.engine
-        ready = self.is_ready()
-        live = self.registry.live_version() if self.registry is not None else None
-        serving = engine.serving_version if ready else None
-        stats = {}
-        if engine is not None and self.started:
-            stats = dict(engine.stats() or {})
-        serving_info = self.version_info(serving)
-        live_info = self.version_info(live)
-        return {
-            "ready": ready,
-            "backbone": self.backbone_name(),
-            "device": self.device_name(),
-            "dtype": self.dtype_name(),
-            "backend": self.settings.backend,
-            "stats": stats,
-            "live_version": live,
-            "serving_version": serving,
-            "adapter_bytes": serving_info.adapter_bytes if serving_info is not None else 0,
-            "live_card": live_info.card if live_info is not None else {},
-        }
 
 
 class BodyLimitMiddleware:
@@ -214,29 +109,24 @@ def open_registry(settings: Settings) -> Registry:
     return Registry.open(settings.home, model_config_for(settings))
 
 
-def build_engine(settings: Settings, registry: Registry) -> Any:
+# Settings that configure the engine, under the same names in EngineConfig.
+ENGINE_SETTINGS = (
+    "device",
+    "dtype",
+    "backend",
+    "max_batch_size",
+    "max_wait_ms",
+    "max_queue",
+    "request_timeout_s",
+    "cached_versions",
+    "poll_interval_s",
+    "follow_registry",
+)
+
+
+def build_engine(settings: Settings, registry: Registry) -> Engine:
     """The torch (or ONNX) engine configured from settings."""
-    from server.core.engine import Engine, EngineConfig
-
-    config = EngineConfig(
-        device=settings.device,
-        dtype=settings.dtype,
-        max_batch_size=settings.max_batch_size,
-        max_wait_ms=settings.max_wait_ms,
-        max_queue=settings.max_queue,
-        request_timeout_s=settings.request_timeout_s,
-        cached_versions=settings.cached_versions,
-        poll_interval_s=settings.poll_interval_s,
-        backend=settings.backend,
-    )
-    return Engine(registry, config)
-
-
-def _subscribe(engine: Any, metrics: ServerMetrics) -> None:
-    for hook, callback in (("on_batch", metrics.on_batch), ("on_swap", metrics.on_swap)):
-        register = getattr(engine, hook, None)
-        if callable(register):
-            register(callback)
+    return Engine(registry, EngineConfig(**{name: getattr(settings, name) for name in ENGINE_SETTINGS}))
 
 
 @asynccontextmanager
@@ -245,24 +135,25 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = state.settings
     if state.registry is None:
         state.registry = await run_in_threadpool(open_registry, settings)
-    if state.engine is None:
-        state.engine = build_engine(settings, state.registry)
-    _subscribe(state.engine, state.metrics)
+    engine = state.engine = state.engine or build_engine(settings, state.registry)
+    engine.on_batch(state.metrics.on_batch)
+    engine.on_swap(state.metrics.on_swap)
 
     async def start() -> None:
         try:
-            await run_in_threadpool(state.engine.start)
+            await run_in_threadpool(engine.start)
         except Exception as exc:
             state.startup_error = type(exc).__name__
             log.error("the inference engine failed to start", exc_info=exc)
             return
+        if state.freeze_gc_at_start:
+            # A full collection walks every object: ~0.4 s in a server process with the model loaded,
+            # every thread stopped meanwhile. Objects alive now (modules, the model) live as long as the
+            # process, so later collections need not walk them.
+            await run_in_threadpool(_freeze_gc)
         state.started = True
-        log.info(
-            "ready: serving version %s on %s (%s)",
-            state.engine.serving_version,
-            state.device_name(),
-            state.dtype_name(),
-        )
+        info = engine.describe()
+        log.info("ready: serving version %s on %s (%s)", engine.serving_version, info["device"], info["dtype"])
 
     state.start_task = asyncio.create_task(start(), name="fmlora-engine-start")
     try:
@@ -273,7 +164,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.start_task is not None and not state.start_task.done():
             await asyncio.shield(state.start_task)
         log.info("shutting down: stopping the engine")
-        await run_in_threadpool(state.engine.stop, settings.shutdown_timeout_s)
+        await run_in_threadpool(engine.stop, settings.shutdown_timeout_s)
         log.info("engine stopped")
 
 
@@ -297,13 +188,28 @@ def _document_manual_bodies(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: Settings | None = None, *, engine: Any = None, registry: Registry | None = None) -> FastAPI:
+def _freeze_gc() -> None:
+    gc.collect()
+    gc.freeze()
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: ServingEngine | None = None,
+    registry: Registry | None = None,
+    freeze_gc_at_start: bool = False,
+) -> FastAPI:
     """Build the app. ``engine`` and ``registry`` are for embedding and tests; by default the lifespan
     opens the registry at ``settings.home`` and builds the engine from settings. The app starts and
-    stops whatever engine it is given."""
+    stops whatever engine it is given. ``freeze_gc_at_start``: once the engine is ready, move every
+    object alive to the garbage collector's permanent generation (``gc.freeze``), for a process that
+    runs this one app (``fmlora serve``)."""
     settings = settings or Settings()
     metrics = ServerMetrics()
-    state = ServerState(settings=settings, metrics=metrics, registry=registry, engine=engine)
+    state = ServerState(
+        settings=settings, metrics=metrics, registry=registry, engine=engine, freeze_gc_at_start=freeze_gc_at_start
+    )
     metrics.watch(state.metrics_state)
     if not settings.auth_disabled and settings.admin_key is None:
         log.warning("no admin key configured: POST /tasks and activation answer 403 (set FMLORA_ADMIN_KEY)")

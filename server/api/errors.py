@@ -47,6 +47,7 @@ from server.core.errors import EngineError
 __all__ = [
     "INTERNAL_ERROR_MESSAGE",
     "REQUEST_ID_HEADER",
+    "ROUTE_ERRORS",
     "ApiError",
     "RequestContextMiddleware",
     "error_response",
@@ -98,8 +99,25 @@ _STATUS_TYPES = {
 }
 
 
+# Every type the routes, auth and middleware raise as ApiError, with its status: the one list the
+# SDK contract test checks (each maps to the client exception of its status family).
+ROUTE_ERRORS: Mapping[str, int] = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "admin_disabled": 403,
+    "payload_too_large": 413,
+    "too_many_images": 413,
+    "too_many_files": 413,
+    "archive_too_large": 413,
+    "unsupported_media_type": 415,
+    "validation_error": 422,
+    "engine_failed": 503,
+}
+
+
 class ApiError(StarletteHTTPException):
-    """An HTTP error with a machine-readable type; raise it anywhere in a request."""
+    """An HTTP error with a machine-readable type from ``ROUTE_ERRORS``; raise it anywhere in a request."""
 
     def __init__(
         self,
@@ -110,6 +128,8 @@ class ApiError(StarletteHTTPException):
         headers: Mapping[str, str] | None = None,
         retry_after: float | None = None,
     ) -> None:
+        if ROUTE_ERRORS.get(error_type) != status_code:
+            raise ValueError(f"ApiError type {error_type!r} with status {status_code} is not declared in ROUTE_ERRORS")
         headers = dict(headers or {})
         if retry_after is not None:
             headers["Retry-After"] = str(max(0, math.ceil(retry_after)))

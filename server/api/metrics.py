@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fmlora._version import __version__
+from server.core.protocol import EngineStats
 
-__all__ = ["CONTENT_TYPE", "ServerMetrics"]
+__all__ = ["CONTENT_TYPE", "ScrapeState", "ServerMetrics"]
 
 log = logging.getLogger("fmlora.server")
 
@@ -29,49 +30,63 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 SWAP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+class ScrapeState(TypedDict):
+    """Engine and registry state, read at every scrape."""
+
+    ready: bool
+    backbone: str
+    device: str
+    dtype: str
+    backend: str
+    stats: EngineStats | None  # None before the engine has started
+    live_version: int | None
+    serving_version: int | None
+    adapter_bytes: int
+    live_card: dict[str, Any]
+
+
 class _StateCollector(Collector):
     """Reads engine stats and the registry's live version at scrape time."""
 
-    def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, state: Callable[[], ScrapeState]) -> None:
         self._state = state
 
     def collect(self) -> Iterator[Metric]:
         try:
-            s = self._state()
+            s: ScrapeState | None = self._state()
         except Exception:  # a scrape must never fail because the engine or registry is unwell
             log.exception("collecting server state for /metrics failed")
-            s = {}
+            s = None
         ready = GaugeMetricFamily("fmlora_ready", "1 when this replica is ready to serve predictions.")
-        ready.add_metric([], 1.0 if s.get("ready") else 0.0)
+        ready.add_metric([], 1.0 if s is not None and s["ready"] else 0.0)
         yield ready
+        if s is None:
+            return
         info = InfoMetricFamily("fmlora_build", "Library version, backbone, device, dtype and backend.")
-        info.add_metric(
-            [],
-            {k: str(s.get(k, "")) for k in ("backbone", "device", "dtype", "backend")} | {"version": __version__},
-        )
+        build = {key: s[key] for key in ("backbone", "device", "dtype", "backend")}  # type: ignore[literal-required]
+        info.add_metric([], {**build, "version": __version__})
         yield info
-        stats = s.get("stats") or {}
+        stats = s["stats"]
         depth = GaugeMetricFamily("fmlora_queue_depth", "Images waiting for the model.")
-        depth.add_metric([], float(stats.get("queue_depth", 0) or 0))
+        depth.add_metric([], 0.0 if stats is None else float(stats["queue_depth"]))
         yield depth
-        swaps = CounterMetricFamily("fmlora_swaps", "Version swaps attempted by this replica (ok and failed).")
-        swaps.add_metric([], float(stats.get("swaps_total", 0) or 0))
+        swaps = CounterMetricFamily("fmlora_swaps", "Versions this replica swapped in (rollbacks included).")
+        swaps.add_metric([], 0.0 if stats is None else float(stats["swaps_total"]))
         yield swaps
         failed = CounterMetricFamily("fmlora_swaps_failed", "Swaps refused: the snapshot failed to load or verify.")
-        failed.add_metric([], float(stats.get("swaps_failed", 0) or 0))
+        failed.add_metric([], 0.0 if stats is None else float(stats["swaps_failed"]))
         yield failed
-        for name, key, doc in (
-            ("fmlora_live_version", "live_version", "The registry's live version (-1 if none)."),
-            ("fmlora_serving_version", "serving_version", "The version this replica serves (-1 if none)."),
+        for name, value, doc in (
+            ("fmlora_live_version", s["live_version"], "The registry's live version (-1 if none)."),
+            ("fmlora_serving_version", s["serving_version"], "The version this replica serves (-1 if none)."),
         ):
             gauge = GaugeMetricFamily(name, doc)
-            value = s.get(key)
             gauge.add_metric([], -1.0 if value is None else float(value))
             yield gauge
         adapter = GaugeMetricFamily("fmlora_adapter_bytes", "Adapter tensor bytes of the served version.")
-        adapter.add_metric([], float(s.get("adapter_bytes") or 0))
+        adapter.add_metric([], float(s["adapter_bytes"]))
         yield adapter
-        card = s.get("live_card") or {}
+        card = s["live_card"]
         per_task = GaugeMetricFamily(
             "fmlora_task_accuracy", "Held-out accuracy per task of the live version (its card).", labels=["task"]
         )
@@ -134,7 +149,7 @@ class ServerMetrics:
             "fmlora_tasks_submitted", "Task uploads accepted (replays of an idempotency key excluded).", registry=r
         )
 
-    def watch(self, state: Callable[[], dict[str, Any]]) -> None:
+    def watch(self, state: Callable[[], ScrapeState]) -> None:
         """Report engine and registry state, read from ``state()`` at every scrape."""
         self.registry.register(_StateCollector(state))
 

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (decode, queue, inference).")
     cached_versions: int = Field(4, ge=1, description="Versions kept in memory for pinning and instant rollback.")
     poll_interval_s: float = Field(0.5, gt=0, description="How often the registry's live pointer is checked.")
+    follow_registry: bool = Field(
+        True,
+        description="Follow the registry's live pointer (poll it, and reload on activation). False: keep serving "
+        "the version live at start whatever the registry says (a frozen replica; the swap benchmark's control run).",
+    )
 
     # -- limits ----------------------------------------------------------------------------------
     max_images_per_request: int = Field(32, ge=1, le=10_000, description="Images in one POST /predict.")

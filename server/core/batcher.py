@@ -27,9 +27,11 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from fmlora.errors import FmloraError
@@ -61,20 +63,20 @@ class _Request:
         return len(self.items) - self.next_index
 
 
-@dataclass
+@dataclass(frozen=True)
 class BatchStats:
-    queue_items: int
-    queue_requests: int
-    batches_total: int
-    items_total: int
-    requests_total: int
-    rejected_total: int
-    timeouts_total: int
-    errors_total: int
-    last_batch_size: int
-    last_batch_seconds: float
-    mean_batch_size: float
-    throughput_items_per_s: float
+    queue_items: int = 0
+    queue_requests: int = 0
+    batches_total: int = 0
+    items_total: int = 0
+    requests_total: int = 0
+    rejected_total: int = 0
+    timeouts_total: int = 0
+    errors_total: int = 0
+    last_batch_size: int = 0
+    last_batch_seconds: float = 0.0
+    mean_batch_size: float = 0.0
+    throughput_items_per_s: float = 0.0
 
 
 def _settle(future: concurrent.futures.Future[Any], result: Any = None, error: BaseException | None = None) -> None:
@@ -201,12 +203,15 @@ class MicroBatcher(Generic[T, R]):
             self._queued_items += n
             self._requests += 1
             self._cond.notify_all()
-        future.add_done_callback(lambda _, req=req: self._forget_if_cancelled(req))
+        # A weak reference: the future must not keep its request (and so its key, a version with its
+        # merged weights) alive in a reference cycle until the garbage collector happens by.
+        future.add_done_callback(partial(self._forget_if_cancelled, weakref.ref(req)))
         return future
 
-    def _forget_if_cancelled(self, req: _Request) -> None:
+    def _forget_if_cancelled(self, ref: weakref.ref[_Request], future: concurrent.futures.Future) -> None:
         """A caller that gave up frees its queue slots at once (not when the thread next looks)."""
-        if not req.future.cancelled():
+        req = ref()
+        if req is None or not future.cancelled():
             return
         with self._cond:
             if req in self._queue:
@@ -347,24 +352,27 @@ class MicroBatcher(Generic[T, R]):
             work = self._next_work()
             if work is None:
                 return
-            kind, payload = work
             try:
-                if kind == "control":
-                    fn, future = payload
-                    if future.set_running_or_notify_cancel():
-                        try:
-                            future.set_result(fn())
-                        except BaseException as exc:
-                            future.set_exception(exc)
-                else:
-                    key, parts = payload
-                    self._execute(key, parts)
+                self._run_work(*work)
             except BaseException:  # never let the inference thread die
                 log.exception("unexpected error in the inference thread")
             finally:
+                # Nothing of the finished job stays referenced while the thread waits for the next.
+                work = None
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def _run_work(self, kind: str, payload: Any) -> None:
+        if kind == "control":
+            fn, future = payload
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+        else:
+            self._execute(*payload)
 
     def _execute(self, key: Hashable, parts: list[tuple[_Request, int, int]]) -> None:
         # A request that failed on an earlier slice is not run again.

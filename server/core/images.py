@@ -9,11 +9,14 @@ friends) are never reached from the network.
 ``resize_for_model`` is the serving twin of ``fmlora.data.images._load_rgb`` (how uploaded task images are
 resized for training): shorter side to ``max(size) / crop_pct`` with bicubic resampling, then a centre
 crop. A test holds the two equal pixel for pixel; the normalisation that follows comes from the
-model's timm data config through ``model.preprocessor``.
+model's timm data config through ``model.preprocessor``. ``Resizer`` does it for a request's images
+in a thread pool (Pillow releases the GIL while it resamples).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +30,7 @@ from server.core.errors import ImageTooLarge, InvalidImageInput
 __all__ = [
     "DEFAULT_FORMATS",
     "DEFAULT_MAX_PIXELS",
+    "Resizer",
     "as_rgb_array",
     "decode_image",
     "prepare_image",
@@ -127,3 +131,40 @@ def resize_for_model(image: np.ndarray | Image.Image, size: tuple[int, int], cro
 def prepare_image(image: Any, size: tuple[int, int], crop_pct: float = 1.0) -> np.ndarray:
     """``as_rgb_array`` then ``resize_for_model``: any accepted image → uint8 (H, W, 3) at ``size``."""
     return resize_for_model(as_rgb_array(image), size, crop_pct)
+
+
+class Resizer:
+    """Validates a request's images and brings them to the model's input size, split over a pool."""
+
+    def __init__(self, size: tuple[int, int], crop_pct: float, threads: int) -> None:
+        self.size = size
+        self.crop_pct = crop_pct
+        self.threads = threads
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, "fmlora-preprocess")
+
+    def resize(self, images: Sequence[Any], first: int = 0) -> list[np.ndarray]:
+        """Validate and resize ``images`` here; errors name the image by its index in the request."""
+        out = []
+        for i, image in enumerate(images):
+            try:
+                out.append(resize_for_model(as_rgb_array(image), self.size, self.crop_pct))
+            except InvalidImageInput as exc:
+                raise InvalidImageInput(f"image {first + i}: {exc.message}") from None
+        return out
+
+    async def prepare(self, images: Sequence[Any]) -> list[np.ndarray]:
+        """``resize`` in the pool, in up to ``threads`` runs; inline when nothing needs resampling."""
+        if self.crop_pct == 1.0 and all(isinstance(im, np.ndarray) and im.shape[:2] == self.size for im in images):
+            return self.resize(images)
+        n = len(images)
+        parts = max(1, min(self.threads, n))
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        loop = asyncio.get_running_loop()
+        runs = [
+            loop.run_in_executor(self._pool, self.resize, images[bounds[i] : bounds[i + 1]], bounds[i])
+            for i in range(parts)
+        ]
+        return [image for run in await asyncio.gather(*runs) for image in run]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

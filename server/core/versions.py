@@ -1,10 +1,13 @@
-"""The version cache: verified, staged, warmed snapshots of the last K versions.
+"""The version cache: verified, staged and prepared snapshots of the last K versions.
 
 Loading a version is: read the snapshot (sha256 of exactly the bytes parsed, format), check it
 against the registry's record and the resident model (``check_compatible``), stage its small tensors
-on the serving device and dtype, then warm it up on a probe batch in the inference thread. Only
-then does it enter the cache, and only an entry from the cache is ever served. So pinning a cached
-version or rolling back to one costs nothing but a pointer change.
+on the serving device and dtype, then let the backend prepare it (``VersionBackend.prepare``: merged
+weights, a probe batch that must give finite outputs of the right shape). All of it runs in the
+thread that asked for the version (the watcher, or a loader for a pinned request), never in the
+inference thread. Only then does it enter the cache, and only an entry from the cache is ever
+served; the inference thread switches to it by rebinding references between two batches. So a
+swap, pinning a cached version or rolling back to one costs the requests nothing but that rebinding.
 
 A version that fails is refused, logged and counted, and remembered by (version, sha256): a
 permanently bad snapshot (corrupt, truncated, incompatible, non-finite outputs) is not tried again
@@ -19,21 +22,26 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, TypedDict
 
 import torch
 
 from fmlora.errors import SnapshotError, SnapshotFormatError, SnapshotIntegrityError
+from fmlora.model.config import ModelConfig
 from fmlora.model.model import TaskRecord
 from fmlora.model.snapshot import Snapshot, SnapshotManifest, read_snapshot
 from server.core.errors import VersionUnavailableError
 
 __all__ = [
+    "CacheStats",
     "KnownBadVersionError",
     "LoadFailure",
+    "PreparedVersion",
+    "RegistryView",
     "SnapshotWarmupError",
     "VersionBackend",
     "VersionCache",
@@ -53,6 +61,36 @@ class KnownBadVersionError(VersionUnavailableError):
     """The version failed before and is not retried yet (see ``VersionCache.failures``)."""
 
 
+class RegistryView(Protocol):
+    """What the serving core reads from the registry (``fmlora.registry.Registry`` fits)."""
+
+    @property
+    def model_config(self) -> ModelConfig: ...
+
+    def live_version(self) -> int | None: ...
+
+    def get_version(self, version: int) -> _RecordedVersion: ...
+
+    def list_versions(self) -> Sequence[_RecordedVersion]: ...
+
+    def snapshot_dir(self, version: int) -> Path: ...
+
+
+class _RecordedVersion(Protocol):
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+
+class PreparedVersion:
+    """What a backend built for one version off the inference thread (merged weights, feeds, ...)."""
+
+
 @dataclass(frozen=True, eq=False)
 class VersionEntry:
     """One verified version, ready to serve. Compared by identity: it is the batcher's key."""
@@ -65,11 +103,11 @@ class VersionEntry:
     label_tasks: tuple[str, ...]
     tasks: tuple[TaskRecord, ...]
     path: Path
+    prepared: PreparedVersion | None = None  # set by the backend's prepare before the entry is cached
     load_seconds: float = 0.0
     loaded_at: float = field(default_factory=time.time)
-    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (e.g. ONNX feeds)
 
-    @property
+    @cached_property
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
 
@@ -90,8 +128,21 @@ class VersionBackend(Protocol):
     def stage(self, snapshot: Snapshot) -> dict[str, torch.Tensor]:
         """The snapshot's tensors on the serving device and dtype."""
 
-    def warm(self, entry: VersionEntry) -> None:
-        """Run a probe batch on ``entry`` (in the inference thread); raise if the outputs are bad."""
+    def prepare(self, entry: VersionEntry) -> PreparedVersion:
+        """What activating ``entry`` needs, built and checked on a probe batch in the calling thread
+        (never the inference thread); raises ``SnapshotWarmupError`` if the outputs are bad."""
+
+
+class CacheStats(TypedDict):
+    cached_versions: list[int]
+    capacity: int
+    loads_total: int
+    loads_failed: int
+    evictions_total: int
+    hits: int
+    misses: int
+    last_load_seconds: float | None
+    failed_versions: dict[int, dict[str, str | int | bool]]
 
 
 @dataclass
@@ -113,7 +164,7 @@ class LoadFailure:
 class VersionCache:
     def __init__(
         self,
-        registry: Any,
+        registry: RegistryView,
         backend: VersionBackend,
         capacity: int = 4,
         *,
@@ -238,7 +289,7 @@ class VersionCache:
                 tasks=tuple(manifest.tasks),
                 path=path,
             )
-            self.backend.warm(entry)
+            entry = replace(entry, prepared=self.backend.prepare(entry))
         except BaseException as exc:
             self._record_failure(version, sha256, exc)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -247,7 +298,7 @@ class VersionCache:
                 f"version {version} cannot be served: its snapshot failed to load ({type(exc).__name__})"
             ) from exc
         seconds = time.perf_counter() - started
-        entry = _with_seconds(entry, seconds)
+        entry = replace(entry, load_seconds=seconds)
         with self._lock:
             self._entries[version] = entry
             self._entries.move_to_end(version)
@@ -255,7 +306,7 @@ class VersionCache:
             self.loads_total += 1
             self.last_load_seconds = seconds
             self._evict_locked()
-        log.info("version %d loaded, verified and warmed in %.3f s", version, seconds)
+        log.info("version %d loaded, verified and prepared in %.3f s", version, seconds)
         return entry
 
     def _record_failure(self, version: int, sha256: str | None, exc: BaseException) -> None:
@@ -297,24 +348,19 @@ class VersionCache:
             self.evictions_total += 1
             log.info("evicted version %d from the version cache", victim)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> CacheStats:
         with self._lock:
-            return {
-                "cached_versions": sorted(self._entries),
-                "capacity": self.capacity,
-                "loads_total": self.loads_total,
-                "loads_failed": self.loads_failed,
-                "evictions_total": self.evictions_total,
-                "hits": self.hits,
-                "misses": self.misses,
-                "last_load_seconds": self.last_load_seconds,
-                "failed_versions": {
+            return CacheStats(
+                cached_versions=sorted(self._entries),
+                capacity=self.capacity,
+                loads_total=self.loads_total,
+                loads_failed=self.loads_failed,
+                evictions_total=self.evictions_total,
+                hits=self.hits,
+                misses=self.misses,
+                last_load_seconds=self.last_load_seconds,
+                failed_versions={
                     f.version: {"error": f.error_type, "attempts": f.attempts, "permanent": f.retry_at is None}
                     for f in self._failures.values()
                 },
-            }
-
-
-def _with_seconds(entry: VersionEntry, seconds: float) -> VersionEntry:
-    object.__setattr__(entry, "load_seconds", seconds)
-    return entry
+            )

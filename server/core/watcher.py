@@ -1,11 +1,16 @@
-"""The registry watcher: polls the live pointer and asks the engine to load-verify-warm-swap.
+"""Version sources: what tells the engine that another version went live.
 
-One thread calls ``check()`` every ``poll_interval_s``; an admin reload calls ``check()`` directly
-(serialised with the thread by a lock). ``check`` reads the live version (one SQLite read), and when
-it differs from what is serving, hands it to ``apply`` (the engine's swap). Failures are the cache's
-business to remember: a version that failed is refused cheaply (``KnownBadVersionError``) until its
-backoff ends or an admin reload forgets it, so a bad snapshot is never retried in a tight loop. A
-registry that cannot be read is logged (rate-limited) and the current version keeps serving.
+A ``VersionSource`` reads the registry's live pointer (``read_live``) and, when it differs from what
+is serving (``current``), hands it to ``apply`` (the engine's load-verify-prepare-swap). ``check()``
+does that once, now (an admin reload calls it); ``start()`` runs a thread that calls ``check()``
+whenever the source's ``_watch`` loop says to. ``PollingSource`` checks every ``poll_interval_s``;
+another source (e.g. one woken by database notifications) subclasses ``VersionSource`` and
+implements ``_watch`` alone.
+
+Failures are the version cache's business to remember: a version that failed is refused cheaply
+(``KnownBadVersionError``) until its backoff ends or an admin reload forgets it, so a bad snapshot is
+never retried in a tight loop. A registry that cannot be read is logged (rate-limited) and the
+current version keeps serving.
 """
 
 from __future__ import annotations
@@ -15,27 +20,23 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["RegistryWatcher"]
+__all__ = ["PollingSource", "VersionSource"]
 
 log = logging.getLogger("fmlora.server.core.watcher")
 
 
-class RegistryWatcher:
+class VersionSource:
     def __init__(
         self,
-        poll: Callable[[], int | None],
+        read_live: Callable[[], int | None],
         current: Callable[[], int | None],
         apply: Callable[[int], None],
-        poll_interval_s: float = 0.5,
         *,
         name: str = "fmlora-watcher",
     ) -> None:
-        if poll_interval_s <= 0:
-            raise ValueError("poll_interval_s must be positive")
-        self._poll = poll
+        self._read_live = read_live
         self._current = current
         self._apply = apply
-        self.poll_interval_s = poll_interval_s
         self._name = name
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -47,8 +48,8 @@ class RegistryWatcher:
 
     def start(self) -> None:
         if self._thread is not None:
-            raise RuntimeError("the watcher is already started")
-        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+            raise RuntimeError("the version source is already started")
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -61,19 +62,28 @@ class RegistryWatcher:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.poll_interval_s):
-            try:
-                self.check()
-            except Exception:  # the loop must survive anything; check() logs what it knows
-                log.exception("registry watcher check failed")
+    def _run(self) -> None:
+        try:
+            self._watch(self._stop)
+        except Exception:  # a source that dies leaves the version serving; say so loudly
+            log.exception("the version source %s stopped", self._name)
+
+    def _watch(self, stop: threading.Event) -> None:
+        """Call ``self.check_safely()`` whenever the live version may have changed, until ``stop``."""
+        raise NotImplementedError
+
+    def check_safely(self) -> None:
+        try:
+            self.check()
+        except Exception:  # the watch loop must survive anything; check() logs what it knows
+            log.exception("checking the live version failed")
 
     def check(self) -> int | None:
-        """Poll once and swap if the live version changed; returns the live version seen."""
+        """Read the live version once and swap if it changed; returns the live version seen."""
         with self._lock:
             self.polls_total += 1
             try:
-                live = self._poll()
+                live = self._read_live()
             except Exception as exc:
                 self.poll_errors_total += 1
                 now = time.monotonic()
@@ -82,7 +92,28 @@ class RegistryWatcher:
                     log.warning("cannot read the registry's live version (%s); still serving the current one", exc)
                 return self.last_seen
             self.last_seen = live
-            if live is None or live == self._current():
-                return live
-            self._apply(live)
+            if live is not None and live != self._current():
+                self._apply(live)
             return live
+
+
+class PollingSource(VersionSource):
+    """Checks the live pointer every ``poll_interval_s`` (one SQLite read)."""
+
+    def __init__(
+        self,
+        read_live: Callable[[], int | None],
+        current: Callable[[], int | None],
+        apply: Callable[[int], None],
+        poll_interval_s: float = 0.5,
+        *,
+        name: str = "fmlora-watcher",
+    ) -> None:
+        if poll_interval_s <= 0:
+            raise ValueError("poll_interval_s must be positive")
+        super().__init__(read_live, current, apply, name=name)
+        self.poll_interval_s = poll_interval_s
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(self.poll_interval_s):
+            self.check_safely()

@@ -1,10 +1,12 @@
 """The quick start, end to end: ``fmlora serve`` (server + embedded worker child) on a free port, two
-tasks submitted through the SDK (sync, then async), both live and their classes predicted, then
-SIGINT and a clean exit."""
+tasks submitted through the SDK (sync, then async), both live and their classes predicted, then the
+demo (``fmlora_demo``, a client of the API) submits a glyph task and measures it, then SIGINT and a
+clean exit."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +20,7 @@ from fmlora.data import make_synthetic_stream
 from fmlora.data.archive import write_task_archive
 from fmlora.model import BackboneConfig
 from fmlora.registry.registry import Registry
+from fmlora_demo import run_demo
 from tests.conftest import tiny_config
 from tests.e2e.test_serve import free_port
 
@@ -79,6 +82,24 @@ def test_fmlora_serve_learns_two_tasks_through_the_sdk(tmp_path: Path, pretraine
         models = Client(url).models()
         assert models.live == models.serving == 2
         assert models.versions[-1].adapter_bytes == models.versions[0].adapter_bytes  # never grows
+
+        # The demo, pointed at this server: the first of 20 glyph tasks (5 classes), measured through the API.
+        lines: list[str] = []
+        demo = run_demo(
+            url,
+            ADMIN,
+            tmp_path / "demo",
+            num_tasks=1,
+            stream_tasks=20,
+            train_per_class=8,
+            test_per_class=4,
+            echo=lines.append,
+        )
+        assert demo.versions == [3] and demo.tasks == ["glyphs-0"]
+        assert len(demo.accuracy) == 1 and len(demo.accuracy[0]) == 1 and 0.0 <= demo.accuracy[0][0] <= 1.0
+        assert demo.adapter_bytes == [models.versions[0].adapter_bytes]
+        assert json.loads((tmp_path / "demo" / "demo.json").read_text())["versions"] == [3]
+        assert "\nv3 " in "\n" + "\n".join(lines)  # the accuracy table's row for version 3
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)

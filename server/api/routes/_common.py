@@ -12,7 +12,7 @@ from server.api.errors import ApiError
 from server.api.schemas import ErrorEnvelope
 
 if TYPE_CHECKING:
-    from server.api.app import ServerState
+    from server.api.state import ServerState
 
 T = TypeVar("T")
 

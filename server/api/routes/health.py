@@ -31,30 +31,28 @@ async def healthz(request: Request) -> HealthResponse:
 async def readyz(request: Request) -> ReadyResponse:
     """Ready once the model (a snapshot or the bare backbone) is loaded and warmed up; it stays ready
     while a new version is swapped in."""
-    state = get_state(request)
-    state.ensure_ready()
-    return ReadyResponse(serving_version=state.engine.serving_version)
+    return ReadyResponse(serving_version=get_state(request).ensure_ready().serving_version)
 
 
 @router.get("/info", response_model=InfoResponse, dependencies=[Depends(require_api_key)], summary="Server info")
 def info(request: Request) -> InfoResponse:
     """Library version, backbone, device, what this replica serves, and the request limits."""
     state = get_state(request)
-    engine = state.engine
     settings = state.settings
-    ready = state.is_ready()
+    serving = state.serving()
+    info = state.engine.describe() if state.engine is not None else None
     return InfoResponse(
         version=__version__,
         backbone=state.backbone_name(),
-        device=state.device_name(),
-        dtype=state.dtype_name(),
-        backend=settings.backend,
-        ready=ready,
-        serving_version=engine.serving_version if ready else None,
-        serving_sha256=engine.serving_sha256 if ready else None,
+        device=settings.device if info is None else info["device"],
+        dtype=settings.dtype if info is None else info["dtype"],
+        backend=settings.backend if info is None else info["backend"],
+        ready=state.is_ready(),
+        serving_version=None if serving is None else serving.version,
+        serving_sha256=None if serving is None else serving.sha256,
         live_version=state.registry.live_version() if state.registry is not None else None,
-        labels=len(engine.labels) if ready else 0,
-        tasks=list(state.task_names()) if ready else [],
+        labels=0 if serving is None else len(serving.labels),
+        tasks=[] if serving is None else list(serving.task_names),
         limits={
             "max_images_per_request": settings.max_images_per_request,
             "max_body_bytes": settings.max_body_bytes,

@@ -27,9 +27,10 @@ def list_models(request: Request) -> ModelsResponse:
     state = get_state(request)
     registry = state.require_registry()
     versions = registry.list_versions()
+    serving = state.serving()
     return ModelsResponse(
         live=registry.live_version(),
-        serving=state.engine.serving_version if state.is_ready() else None,
+        serving=None if serving is None else serving.version,
         versions=[VersionOut.model_validate(v.model_dump()) for v in versions],
     )
 
@@ -66,11 +67,12 @@ async def activate(request: Request, version: int = Path(ge=1)) -> ActivateRespo
     serving = None
     warning = None
     if state.is_ready():
+        engine = state.ensure_ready()
         try:
-            serving = await run_in_threadpool(state.engine.reload)
+            await run_in_threadpool(engine.reload)
         except Exception:
             log.exception("reload after activating version %d failed", version)
-        serving = state.engine.serving_version
+        serving = engine.serving_version
         if serving != info.version:
             warning = (
                 f"version {info.version} is live in the registry, but this replica still serves {serving}: "

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import dataclasses
 import json
 from base64 import b64decode
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from fmlora.model.prompts import PromptChoice
 from server.api.auth import require_api_key
 from server.api.errors import ApiError
 from server.api.routes._common import get_state, media_type, parse_multipart
 from server.api.schemas import ErrorEnvelope, PredictForm, PredictRequest, PredictResponse
 from server.core.errors import EngineError, InvalidImageInput, RequestTimeoutError
 from server.core.images import decode_image
+from server.core.results import Prediction
 
 router = APIRouter(tags=["predict"])
 
@@ -135,7 +137,7 @@ async def _read_multipart(request: Request, limit: int) -> tuple[list[bytes], Pr
     return blobs, options
 
 
-def _decode_all(blobs: list[bytes], max_pixels: int) -> list[Any]:
+def _decode_all(blobs: list[bytes], max_pixels: int) -> list[np.ndarray]:
     arrays = []
     for i, blob in enumerate(blobs):
         try:
@@ -143,18 +145,6 @@ def _decode_all(blobs: list[bytes], max_pixels: int) -> list[Any]:
         except EngineError as exc:
             raise type(exc)(f"images[{i}]: {exc.message}") from None
     return arrays
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, BaseModel):
-        return value.model_dump()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 @router.post(
@@ -189,12 +179,13 @@ async def predict(request: Request) -> Response:
         blobs, options = await _read_multipart(request, limit)
     else:
         raise ApiError(415, "unsupported_media_type", "POST /predict takes application/json or multipart/form-data")
-    state.ensure_ready()
-    prompt = options.prompt if isinstance(options.prompt, str) else options.prompt.model_dump()
+    engine = state.ensure_ready()
+    choice = options.prompt
+    prompt = PromptChoice(choice) if isinstance(choice, str) else PromptChoice("task", choice.task)
 
-    async def run() -> Any:
+    async def run() -> Prediction:
         arrays = await run_in_threadpool(_decode_all, blobs, settings.max_image_pixels)
-        return await state.engine.predict(arrays, top_k=options.top_k, prompt=prompt, version=options.version)
+        return await engine.predict(arrays, top_k=options.top_k, prompt=prompt, version=options.version)
 
     try:
         # The engine enforces the same deadline per request; this one also covers decoding.
@@ -206,5 +197,5 @@ async def predict(request: Request) -> Response:
     state.metrics.images.inc(len(blobs))
     # Validated once here and serialised once: returning the model would make FastAPI validate and
     # serialise it a second time through response_model (which stays for the OpenAPI schema).
-    body = PredictResponse.model_validate(_plain(prediction)).model_dump_json()
+    body = PredictResponse.model_validate(prediction.to_dict()).model_dump_json()
     return Response(content=body, media_type="application/json")

@@ -1,7 +1,8 @@
 """A bounded swap storm against a real server (issue 5's swap-under-load and bad-snapshot checks,
 issue 8's CI version of benchmarks/swap.py): zero failed requests, every response's version was live,
-per-client versions never go backwards except across a rollback, every bad snapshot refused and counted.
-Correctness only: no timing is asserted."""
+per-client versions never go backwards except across a rollback, every bad snapshot refused and counted;
+then the control run replays the storm on a server that ignores the registry. Correctness only: no
+timing is asserted."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ def test_swap_storm_with_rollbacks_and_bad_snapshots_fails_no_request(tmp_path):
         backbone="tiny",
         poll_interval_s=0.02,
         swap_timeout_s=30,
+        control=True,
     )
     result = run_swap(cfg)
 
@@ -97,6 +99,14 @@ def test_swap_storm_with_rollbacks_and_bad_snapshots_fails_no_request(tmp_path):
     assert result["server"]["readyz_not_ready"] == 0  # readiness held through every swap
     assert result["targets"]["failed_requests_zero"] and result["targets"]["versions_consistent"]
 
+    # The control replayed every swap of the storm, publishing the same versions, and never swapped.
+    control = result["control"]
+    assert control["replayed"] == 10 and control["version_mismatches"] == 0
+    assert control["served_at_end"] == 2  # the version live when it started
+    assert control["requests"]["failed"] == 0 and control["latency_ms"]["storm"]["n"] > 0
+    assert result["swap_added_p99"] is not None and result["p99_storm_over_control_storm"] is not None
+
     written = json.loads((cfg.out / "swap.json").read_text())
     assert written["machine"]["python"] and written["requests"]["total"] == requests["total"]
+    assert written["control"]["replayed"] == 10
     assert (cfg.out / "swap.png").stat().st_size > 0

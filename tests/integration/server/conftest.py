@@ -7,7 +7,7 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,106 +19,160 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fmlora.errors import UnknownTaskError, VersionNotFoundError
+from fmlora.model.prompts import PromptChoice
 from fmlora.registry.registry import Registry
 from server.api.app import create_app
 from server.api.settings import Settings
-from server.core.errors import NotReadyError
+from server.core.errors import NoModelError, NotReadyError
+from server.core.protocol import BatchCallback, EngineInfo, EngineStats, PromptInput, SwapCallback
+from server.core.results import ImageResult, LabelScore, Prediction, PromptUsed
 from tests.conftest import tiny_config
 
 ADMIN = "admin-key-0123456789abcdef"
 API = "api-key-0123456789abcdef"
 
 
-@dataclass
-class FakeImageResult:
-    predictions: list[dict[str, Any]]
-    prompt: dict[str, Any]
-
-
-@dataclass
-class FakePrediction:
-    model_version: int | None
-    snapshot_sha256: str | None
-    results: list[FakeImageResult]
+@dataclass(frozen=True)
+class FakeServed:
+    version: int
+    sha256: str
+    labels: tuple[str, ...]
+    task_names: tuple[str, ...]
 
 
 @dataclass
 class FakeEngine:
-    """Implements the engine seam (server.core.engine.Engine) without a model."""
+    """Implements the engine seam (``server.core.protocol.ServingEngine``) without a model. It serves
+    what the registry's live version names when it starts or reloads, with these labels."""
 
     registry: Registry | None = None
-    labels: list[str] = field(default_factory=lambda: ["cat", "dog", "robin"])
-    label_tasks: list[str] = field(default_factory=lambda: ["pets", "pets", "birds"])
-    tasks: list[str] = field(default_factory=lambda: ["pets", "birds"])
+    labels: tuple[str, ...] = ("cat", "dog", "robin")
+    label_tasks: tuple[str, ...] = ("pets", "pets", "birds")
     delay_s: float = 0.0
     start_delay_s: float = 0.0
     fail_start: bool = False
     raise_on_predict: BaseException | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
+    info: dict[str, str] = field(default_factory=lambda: {"backend": "torch", "device": "cpu", "dtype": "float32"})
     ready: bool = False
-    serving_version: int | None = None
+    serving: FakeServed | None = None
     started: bool = False
     stopped: bool = False
     stop_timeout: float | None = None
     calls: list[dict[str, Any]] = field(default_factory=list)
     in_flight: int = 0
     completed: int = 0
-    batch_hooks: list[Callable[..., None]] = field(default_factory=list)
-    swap_hooks: list[Callable[..., None]] = field(default_factory=list)
+    batch_hooks: list[BatchCallback] = field(default_factory=list)
+    swap_hooks: list[SwapCallback] = field(default_factory=list)
 
     @property
-    def serving_sha256(self) -> str | None:
-        return None if self.serving_version is None else f"{self.serving_version:064x}"
+    def serving_version(self) -> int | None:
+        return None if self.serving is None else self.serving.version
+
+    def _follow_registry(self) -> None:
+        live = self.registry.live_version() if self.registry is not None else None
+        if live is None or self.registry is None:
+            self.serving = None
+            return
+        tasks = tuple(self.registry.get_version(live).tasks)
+        self.serving = FakeServed(live, f"{live:064x}", self.labels, tasks)
 
     def start(self) -> None:
         time.sleep(self.start_delay_s)
         if self.fail_start:
             raise RuntimeError("secret internal detail /etc/passwd")
-        if self.registry is not None:
-            self.serving_version = self.registry.live_version()
+        self._follow_registry()
         self.started = True
         self.ready = True
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 30.0) -> bool:
         self.stop_timeout = timeout_s
         self.ready = False
         self.stopped = True
+        return True
 
     def reload(self) -> int | None:
-        live = self.registry.live_version() if self.registry is not None else None
+        self._follow_registry()
         for hook in self.swap_hooks:
-            hook(True, 0.01, live)
-        self.serving_version = live
-        return live
+            hook(True, 0.01, self.serving_version)
+        return self.serving_version
 
-    def on_batch(self, callback: Callable[..., None]) -> None:
+    def on_batch(self, callback: BatchCallback) -> None:
         self.batch_hooks.append(callback)
 
-    def on_swap(self, callback: Callable[..., None]) -> None:
+    def on_swap(self, callback: SwapCallback) -> None:
         self.swap_hooks.append(callback)
 
-    def stats(self) -> dict[str, Any]:
-        return {"queue_depth": self.in_flight, "swaps_total": 3, "swaps_failed": 1, "batch_sizes": {}}
+    def describe(self) -> EngineInfo:
+        return EngineInfo(
+            backend=self.info["backend"],
+            device=self.info["device"],
+            dtype=self.info["dtype"],
+            backbone="fake",
+            input_size=[32, 32],
+            crop_pct=1.0,
+            merged_adapters=True,
+            max_batch_size=8,
+            max_wait_ms=0.0,
+            max_queue=64,
+            request_timeout_s=30.0,
+            cached_versions=4,
+        )
 
-    async def predict(self, images: list[np.ndarray], top_k: int = 5, prompt: Any = "auto", version: Any = None):
+    def stats(self) -> EngineStats:
+        counters = dict.fromkeys(
+            ("queue_requests", "batches_total", "items_total", "requests_total", "rejected_total", "timeouts_total"),
+            0,
+        )
+        return EngineStats(
+            ready=self.ready,
+            serving_version=self.serving_version,
+            swaps_total=3,
+            swaps_failed=1,
+            last_swap_seconds=0.01,
+            queue_depth=self.in_flight,
+            errors_total=0,
+            last_batch_size=0,
+            last_batch_seconds=0.0,
+            mean_batch_size=0.0,
+            throughput_items_per_s=0.0,
+            adapter_switches_total=0,
+            last_adapter_switch_seconds=None,
+            registry_polls_total=0,
+            registry_poll_errors_total=0,
+            registry_live_version=None,
+            versions=None,
+            **counters,  # type: ignore[typeddict-item]
+        )
+
+    async def predict(
+        self,
+        images: Sequence[np.ndarray],
+        top_k: int = 5,
+        prompt: PromptInput = "auto",
+        version: int | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> Prediction:
         if not self.ready:
             raise NotReadyError("not started")
+        choice = PromptChoice.parse(prompt)
         self.calls.append(
             {
                 "n": len(images),
                 "shapes": [a.shape for a in images],
                 "top_k": top_k,
-                "prompt": prompt,
+                "prompt": choice,
                 "version": version,
             }
         )
         if self.raise_on_predict is not None:
             raise self.raise_on_predict
-        if version is not None and version not in (1, 2, self.serving_version):
+        if self.serving is None:
+            raise NoModelError("no model version is live yet")
+        if version is not None and version not in (1, 2, self.serving.version):
             raise VersionNotFoundError(f"version {version} does not exist")
-        if isinstance(prompt, dict) and prompt.get("task") not in self.tasks:
-            raise UnknownTaskError(f"unknown task {prompt.get('task')!r}; known tasks: {self.tasks}")
+        if choice.mode == "task" and choice.task not in self.serving.task_names:
+            raise UnknownTaskError(f"unknown task {choice.task!r}; known tasks: {self.serving.task_names}")
         self.in_flight += 1
         try:
             if self.delay_s:
@@ -133,18 +187,15 @@ class FakeEngine:
             best = int(img.mean()) % len(self.labels)
             order = [best, *[i for i in range(len(self.labels)) if i != best]][:k]
             preds = [
-                {"label": self.labels[i], "score": 1.0 / (r + 2), "task": self.label_tasks[i]}
+                LabelScore(label=self.labels[i], score=1.0 / (r + 2), task=self.label_tasks[i])
                 for r, i in enumerate(order)
             ]
-            mode = "task" if isinstance(prompt, dict) else prompt
-            task = prompt["task"] if isinstance(prompt, dict) else (None if prompt == "none" else "pets")
-            results.append(
-                FakeImageResult(
-                    preds, {"mode": mode, "task": task, "weights": None if prompt == "none" else {"pets": 1.0}}
-                )
-            )
+            task = choice.task if choice.mode == "task" else None if choice.mode == "none" else "pets"
+            weights = {} if choice.mode == "none" else {"pets": 1.0}
+            results.append(ImageResult(preds, PromptUsed(mode=choice.mode, task=task, weights=weights)))
         self.completed += 1
-        return FakePrediction(version or self.serving_version, self.serving_sha256, results)
+        served = self.serving.version if version is None else version
+        return Prediction(served, f"{served:064x}", results)
 
 
 def png_bytes(size: tuple[int, int] = (8, 8), color: tuple[int, int, int] = (200, 10, 10), fmt: str = "PNG") -> bytes:

@@ -87,19 +87,19 @@ def test_auth_disabled_opens_everything(make_client, versioned):
 def test_api_key_guards_predictions_and_reads(make_client, versioned):
     client = make_client(api_key=API)
     guarded = [
-        ("POST", "/predict", {"json": IMAGE}),
-        ("GET", "/tasks", {}),
-        ("GET", "/tasks/abc", {}),
-        ("GET", "/models", {}),
-        ("GET", "/models/1", {}),
-        ("GET", "/info", {}),
+        ("POST", "/predict", {"json": IMAGE}, 200),
+        ("GET", "/tasks", {}, 200),
+        ("GET", "/tasks/abc", {}, 404),  # past the key check: no such task
+        ("GET", "/models", {}, 200),
+        ("GET", "/models/1", {}, 200),
+        ("GET", "/info", {}, 200),
     ]
-    for method, path, kwargs in guarded:
+    for method, path, kwargs, status in guarded:
         assert_envelope(client.request(method, path, **kwargs), 401, "unauthorized")
         assert_envelope(client.request(method, path, headers=auth("wrong-key-0123456789"), **kwargs), 401)
         for key in (API, ADMIN):
             r = client.request(method, path, headers=auth(key), **kwargs)
-            assert r.status_code in (200, 404), (path, r.text)
+            assert r.status_code == status, (path, r.text)
     for open_path in ("/healthz", "/readyz", "/metrics"):
         assert client.get(open_path).status_code == 200
 

@@ -17,6 +17,13 @@ from .conftest import ADMIN, assert_envelope, auth, png_bytes, wait_ready
 IMAGES = [base64.b64encode(png_bytes((40, 30), c)).decode() for c in ((200, 10, 10), (10, 200, 10))]
 
 
+def metric(text: str, sample: str) -> float:
+    """The value of the sample line that starts with ``sample`` (name and labels) in /metrics."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")]
+    assert len(values) == 1, sample
+    return values[0]
+
+
 def settings(home, **overrides) -> Settings:
     values = {"home": home, "admin_key": ADMIN, "device": "cpu", "poll_interval_s": 0.05, "max_wait_ms": 1.0}
     values.update(overrides)
@@ -66,7 +73,14 @@ def test_real_engine_serves_the_live_version_and_swaps_on_activation(tmp_path):
         metrics = client.get("/metrics").text
         assert "fmlora_serving_version 2.0" in metrics and "fmlora_live_version 2.0" in metrics
         assert 'fmlora_task_accuracy{task="birds"}' in metrics
-        assert "fmlora_batch_size_count" in metrics and "fmlora_swap_duration_seconds_count" in metrics
+        # Three requests reached the model (two images, then one, then one pinned): the engine's batch
+        # hooks fed the histograms; its swaps (version 1 at start, then 2, and 1 and 2 again if the
+        # watcher saw the registry's rollback) fed the swap histogram and agree with its counters.
+        assert metric(metrics, "fmlora_predicted_images_total") == 4
+        assert metric(metrics, "fmlora_batch_size_sum") == 4 and 3 <= metric(metrics, "fmlora_batch_size_count") <= 4
+        swaps = metric(metrics, "fmlora_swaps_total")
+        assert 2 <= swaps <= 4 and metric(metrics, 'fmlora_swap_duration_seconds_count{outcome="ok"}') == swaps
+        assert metric(metrics, "fmlora_swaps_failed_total") == 0
         engine = app.state.fmlora.engine
     assert not engine.ready  # stopped by the lifespan
 

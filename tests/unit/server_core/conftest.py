@@ -14,7 +14,7 @@ from fmlora.model import FMLoRAModel, save_snapshot
 from fmlora.model.config import ModelConfig
 from fmlora.model.snapshot import TENSOR_FILE
 from fmlora.registry.registry import Registry
-from server.core.engine import Engine, EngineConfig
+from server.core.engine import Engine, EngineConfig, SourceFactory
 from tests.conftest import tiny_config
 from tests.helpers import learn_quickly
 
@@ -94,10 +94,11 @@ def publisher(tmp_path: Path) -> Publisher:
 def make_engine(publisher: Publisher) -> Iterator:
     engines: list[Engine] = []
 
-    def make(**overrides: object) -> Engine:
+    def make(source: SourceFactory | None = None, **overrides: object) -> Engine:
         fields: dict[str, object] = {"device": "cpu", "poll_interval_s": 0.02, "max_wait_ms": 2.0}
         fields.update(overrides)
-        engine = Engine(publisher.registry, EngineConfig(**fields), model=seeded_model(publisher.config))
+        model = seeded_model(publisher.config)
+        engine = Engine(publisher.registry, EngineConfig(**fields), model=model, source=source)
         engine.start()
         engines.append(engine)
         return engine

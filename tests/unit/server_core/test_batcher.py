@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -258,3 +260,27 @@ def test_invalid_settings_are_refused(recorder):
         MicroBatcher(recorder, max_batch_size=0)
     with pytest.raises(ValueError):
         MicroBatcher(recorder, request_timeout_s=0)
+
+
+def test_an_answered_request_keeps_nothing_alive():
+    """The batcher holds no reference to a request's key once answered (the engine's key is a version
+    with its merged weights): reference counting frees it, no garbage collection needed."""
+
+    class Key:
+        pass
+
+    batcher = MicroBatcher(lambda key, items: [x * 2 for x in items], max_batch_size=4, max_wait_s=0.001)
+    batcher.start()
+    key = Key()
+    ref = weakref.ref(key)
+    gc.disable()
+    try:
+        assert batcher.submit(key, [1, 2]).result(5) == [2, 4]
+        del key
+        deadline = time.monotonic() + 2  # the inference thread finishes its loop turn after answering
+        while ref() is not None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert ref() is None
+    finally:
+        gc.enable()
+        batcher.stop(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 
@@ -12,9 +13,17 @@ import torch
 
 from fmlora.errors import PromptError, UnknownTaskError, VersionNotFoundError
 from fmlora.model import FMLoRAModel, PromptConfig, load_snapshot
-from server.core.engine import Engine, EngineConfig, InvalidRequestError, TorchBackend, model_crop_pct
-from server.core.errors import InvalidImageInput, NoModelError, NotReadyError, VersionUnavailableError
+from server.core.backends.torch import TorchBackend
+from server.core.engine import Engine, EngineConfig
+from server.core.errors import (
+    InvalidImageInput,
+    InvalidRequestError,
+    NoModelError,
+    NotReadyError,
+    VersionUnavailableError,
+)
 from server.core.images import prepare_image
+from server.core.watcher import VersionSource
 from tests.conftest import TINY_RANDOM, tiny_config
 from tests.unit.server_core.conftest import Publisher, image, seeded_model
 
@@ -32,7 +41,7 @@ def reference_probs(publisher: Publisher, version: int, images: list[np.ndarray]
     model = seeded_model(publisher.config).eval()
     load_snapshot(model, publisher.registry.snapshot_dir(version))
     size = model.preprocessor.input_size
-    arrays = np.stack([prepare_image(im, size, model_crop_pct(model)) for im in images])
+    arrays = np.stack([prepare_image(im, size, model.preprocessor.crop_pct) for im in images])
     x = model.preprocessor(torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous())
     with torch.no_grad():
         return model(x, prompt).softmax(-1), model.labels
@@ -40,7 +49,7 @@ def reference_probs(publisher: Publisher, version: int, images: list[np.ndarray]
 
 def test_ready_without_a_live_version_but_predict_is_503(make_engine):
     engine = make_engine()
-    assert engine.ready and engine.serving_version is None and engine.labels == []
+    assert engine.ready and engine.serving_version is None and engine.serving is None
     with pytest.raises(NoModelError) as info:
         asyncio.run(engine.predict([image(0)]))
     assert info.value.status_code == 503 and info.value.retry_after
@@ -59,7 +68,7 @@ def test_predict_before_start_and_after_stop_is_not_ready(publisher):
 def test_predictions_equal_the_version_run_alone(publisher, make_engine):
     v1 = publisher.learn_and_publish("digits", ["one", "two", "three"])
     engine = make_engine()
-    assert engine.serving_version == v1 and engine.labels == ["one", "two", "three"]
+    assert engine.serving_version == v1 and engine.serving.labels == ("one", "two", "three")
     images = [image(1), image(2, (50, 17)), image(3, (1, 1))]
     prediction = asyncio.run(engine.predict(images, top_k=3))
     assert prediction.model_version == v1
@@ -263,7 +272,7 @@ def test_explicit_reload_without_the_watcher(publisher, make_engine):
     v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
     time.sleep(0.1)
     assert engine.serving_version is None  # nobody polls
-    assert engine.reload() == v1 and engine.labels == ["cat", "dog"]
+    assert engine.reload() == v1 and engine.serving.labels == ("cat", "dog")
     assert asyncio.run(engine.areload()) == v1
 
 
@@ -284,8 +293,12 @@ def test_batch_hooks_and_stats(publisher, make_engine):
     asyncio.run(engine.predict([image(i) for i in range(5)]))
     assert sum(sizes) == 5
     stats = engine.stats()
-    for key in ("queue_depth", "swaps_total", "swaps_failed", "last_swap_seconds", "batches_total", "mean_batch_size"):
-        assert key in stats
+    assert stats["items_total"] == 5 and stats["batches_total"] == len(sizes) and stats["requests_total"] == 1
+    assert stats["mean_batch_size"] == pytest.approx(5 / len(sizes)) and stats["queue_depth"] == 0
+    assert stats["swaps_total"] == 1 and stats["swaps_failed"] == 0 and stats["last_swap_seconds"] > 0
+    assert stats["serving_version"] == 1 and stats["versions"]["cached_versions"] == [1]
+    wait_for(lambda: engine.stats()["registry_polls_total"] > 0)  # the watcher polls every 20 ms
+    assert engine.stats()["registry_live_version"] == 1
     info = engine.describe()
     assert info["device"] == "cpu" and info["dtype"] == "float32" and info["input_size"] == [32, 32]
 
@@ -370,3 +383,100 @@ def test_a_model_without_meta_prompts(tmp_path):
             assert p["score"] == pytest.approx(float(probs[0, labels.index(p["label"])]), abs=1e-5)
     finally:
         engine.stop(5)
+
+
+def test_a_swap_prepares_off_the_inference_thread_and_activation_only_rebinds(publisher, make_engine):
+    """Loading, merging and the probe run in the thread that swaps; the inference thread keeps
+    answering meanwhile, and switching to the new version there copies nothing."""
+    publisher.learn_and_publish("animals", ["cat", "dog"])
+    engine = make_engine(watch=False)
+    backend = engine._backend
+    probe_threads: list[str] = []
+    release = threading.Event()
+    real_run = backend._run
+
+    def slow_probe(model, images, choices):
+        if model is backend._shadow:
+            probe_threads.append(threading.current_thread().name)
+            assert release.wait(10)
+        return real_run(model, images, choices)
+
+    backend._run = slow_probe
+    v2 = publisher.learn_and_publish("vehicles", ["car", "bus"])
+    swapping = threading.Thread(target=engine.reload, name="swapper")
+    swapping.start()
+    try:
+        wait_for(lambda: probe_threads == ["swapper"])
+        started = time.monotonic()
+        for i in range(3):  # the probe is held: requests still get answers, from the version serving
+            assert engine.predict_sync([image(i)]).model_version == 1
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        swapping.join(10)
+    assert engine.serving_version == v2
+    switches = engine.stats()["adapter_switches_total"]
+    assert engine.predict_sync([image(0)]).model_version == v2
+    assert engine.stats()["adapter_switches_total"] == switches + 1
+    prepared = engine.serving.prepared
+    for name, layer in backend.model.adapted.items():
+        assert layer.merged_weight is prepared.merged[name]  # bound, not copied
+    head = backend.model.head
+    assert head.frozen_weight is engine.serving.tensors["head.weight"] and head.labels == ["cat", "dog", "car", "bus"]
+
+
+def test_the_shadow_shares_the_resident_backbone(make_engine):
+    backend = make_engine()._backend
+    resident = dict(backend.model.backbone.named_parameters())
+    shadow = dict(backend._shadow.backbone.named_parameters())
+    frozen = [name for name in resident if ".lora_" not in name and "prompt" not in name]
+    assert frozen and all(shadow[name].data_ptr() == resident[name].data_ptr() for name in frozen)
+    assert backend._shadow.backbone is not backend.model.backbone
+
+
+def test_an_engine_told_not_to_follow_the_registry_keeps_its_version(publisher, make_engine):
+    v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
+    engine = make_engine(follow_registry=False)
+    v2 = publisher.learn_and_publish("vehicles", ["car"])
+    time.sleep(0.1)  # five poll intervals
+    assert engine.reload() == v1 and engine.serving_version == v1
+    assert engine.predict_sync([image(0)]).model_version == v1 and publisher.registry.live_version() == v2
+    assert engine.stats()["registry_polls_total"] == 0
+
+
+def test_a_version_source_of_its_own_tells_the_engine(publisher, make_engine):
+    """The seam for sources other than polling (e.g. database notifications): ``_watch`` alone."""
+    v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
+    notified = threading.Event()
+
+    class NotifiedSource(VersionSource):
+        def _watch(self, stop: threading.Event) -> None:
+            while not stop.is_set():
+                if notified.wait(0.05):
+                    notified.clear()
+                    self.check_safely()
+
+    engine = make_engine(source=lambda read, current, apply: NotifiedSource(read, current, apply))
+    assert engine.serving_version == v1
+    v2 = publisher.learn_and_publish("vehicles", ["car"])
+    time.sleep(0.1)
+    assert engine.serving_version == v1  # nobody said anything
+    notified.set()
+    wait_for(lambda: engine.serving_version == v2)
+
+
+def test_swaps_reuse_the_merged_weights_of_released_versions(publisher, make_engine):
+    """Once the cache is full, a swap allocates no new merged weights: a version's storage comes back
+    as soon as the cache drops it and no model binds it (by reference counting, not a later GC)."""
+    publisher.learn_and_publish("animals", ["cat", "dog"])
+    engine = make_engine(watch=False, cached_versions=2)
+    gc.disable()
+    try:
+        for i in range(8):
+            publisher.learn_and_publish(f"task{i}", [f"c{i}"])
+            engine.reload()
+            assert engine.predict_sync([image(i)]).model_version == engine.serving_version
+        # Two cached, one more while the next loads, and the shadow's: never more alive at once.
+        assert engine._backend._storage.allocated <= 4
+    finally:
+        gc.enable()

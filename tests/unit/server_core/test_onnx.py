@@ -11,7 +11,7 @@ import torch
 
 from fmlora.errors import UnknownTaskError
 from fmlora.export.onnx import adapter_feeds, prompt_indices
-from server.core.onnx_engine import OnnxBackend
+from server.core.backends.onnx import OnnxBackend
 from tests.conftest import random_images, tiny_config
 from tests.helpers import learn_quickly
 from tests.unit.server_core.conftest import image, seeded_model

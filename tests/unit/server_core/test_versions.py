@@ -11,8 +11,8 @@ import torch
 from fmlora.errors import SnapshotCompatibilityError, VersionNotFoundError
 from fmlora.model.snapshot import Snapshot, check_compatible
 from server.core.errors import VersionUnavailableError
-from server.core.versions import KnownBadVersionError, VersionCache, VersionEntry
-from server.core.watcher import RegistryWatcher
+from server.core.versions import KnownBadVersionError, PreparedVersion, VersionCache, VersionEntry
+from server.core.watcher import PollingSource
 from tests.unit.server_core.conftest import Publisher, seeded_model
 
 
@@ -31,11 +31,12 @@ class FakeBackend:
     def stage(self, snapshot: Snapshot) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in snapshot.tensors.items()}
 
-    def warm(self, entry: VersionEntry) -> None:
+    def prepare(self, entry: VersionEntry) -> PreparedVersion:
         time.sleep(self.warm_delay)
         if self.fail_warm is not None:
             raise self.fail_warm
         self.warmed.append(entry.version)
+        return PreparedVersion()
 
 
 @pytest.fixture
@@ -147,7 +148,7 @@ def test_watcher_polls_applies_changes_and_survives_registry_errors():
         applied.append(version)
         serving["value"] = version
 
-    watcher = RegistryWatcher(poll, lambda: serving["value"], apply, poll_interval_s=0.01)
+    watcher = PollingSource(poll, lambda: serving["value"], apply, poll_interval_s=0.01)
     watcher.start()
     try:
         live["value"] = 3

@@ -2,9 +2,10 @@
 
 The model's architecture and frozen weights are exported once (``fmlora.export.onnx.export_onnx``) with
 every adapter tensor as a graph input, and cached on disk by a fingerprint of the backbone weights,
-the model configuration and the exporter versions. A version's snapshot becomes a feed dictionary
-when it is staged; switching versions is choosing another dictionary, so swaps cost nothing and no
-version ever needs a re-export. Outputs equal the torch engine's within 1e-4 (tested).
+the model configuration and the exporter versions. A version becomes a feed dictionary when it is
+prepared (in the loading thread, with a probe run: ONNX Runtime sessions take concurrent runs);
+switching versions is choosing another dictionary, so swaps cost the inference thread nothing and
+no version ever needs a re-export. Outputs equal the torch engine's within 1e-4 (tested).
 
 Preprocessing (resize, timm data-config normalisation) is the torch engine's, on the CPU.
 """
@@ -15,9 +16,9 @@ import hashlib
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +27,9 @@ from fmlora.export.onnx import OnnxSpec, adapter_feeds, export_onnx, prompt_indi
 from fmlora.model.model import FMLoRAModel
 from fmlora.model.prompts import PromptChoice
 from fmlora.model.snapshot import Snapshot, check_compatible
+from server.core.backends.protocol import BackendInfo, probe_images, run_probe
 from server.core.errors import InferenceError
-from server.core.versions import VersionEntry
+from server.core.versions import PreparedVersion, VersionEntry
 
 __all__ = ["OnnxBackend", "onnx_available"]
 
@@ -69,10 +71,15 @@ def _fingerprint(model: FMLoRAModel) -> str:
     return digest.hexdigest()[:20]
 
 
+@dataclass(frozen=True)
+class _Feeds(PreparedVersion):
+    feeds: dict[str, np.ndarray]
+
+
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, model: FMLoRAModel, *, merge: bool = True, cache_dir: str | Path | None = None, threads=None):
+    def __init__(self, model: FMLoRAModel, *, cache_dir: str | Path | None = None, threads: int | None = None):
         reason = onnx_available()
         if reason is not None:
             raise RuntimeError(reason)
@@ -119,14 +126,14 @@ class OnnxBackend:
         log.info("exported %s in %.1f s", graph.name, time.perf_counter() - started)
         return spec
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "backend": self.name,
-            "device": "cpu",
-            "dtype": "float32",
-            "onnxruntime": self._ort_version,
-            "onnx_graph": self.spec.path.name,
-        }
+    def describe(self) -> BackendInfo:
+        return BackendInfo(
+            backend=self.name,
+            device="cpu",
+            dtype="float32",
+            onnxruntime=self._ort_version,
+            onnx_graph=self.spec.path.name,
+        )
 
     # -- versions (any thread) ---------------------------------------------------------------
     def check(self, snapshot: Snapshot) -> None:
@@ -135,27 +142,33 @@ class OnnxBackend:
     def stage(self, snapshot: Snapshot) -> dict[str, torch.Tensor]:
         return {k: v.to(dtype=torch.float32) for k, v in snapshot.tensors.items()}
 
-    def prepare_entry(self, entry: VersionEntry) -> None:
-        entry.extra["onnx_feeds"] = adapter_feeds(self.model, entry.tensors)
+    def prepare(self, entry: VersionEntry) -> _Feeds:
+        prepared = _Feeds(adapter_feeds(self.model, entry.tensors))
+
+        def forward(images: np.ndarray, choices: list[PromptChoice]) -> np.ndarray:
+            index = prompt_indices(choices, entry.task_names) if self.spec.prompts else None
+            return self._run(images, index, prepared.feeds)[0]
+
+        run_probe(entry, self.input_size, forward)
+        return prepared
 
     # -- inference thread --------------------------------------------------------------------
     def activate(self, entry: VersionEntry) -> None:
         if self.loaded is entry:
             return
+        if not isinstance(entry.prepared, _Feeds):
+            raise InferenceError(f"version {entry.version} was not prepared by the ONNX backend")
         started = time.perf_counter()
-        if "onnx_feeds" not in entry.extra:
-            self.prepare_entry(entry)
         self.loaded = entry
         self.switches_total += 1
         self.last_switch_seconds = time.perf_counter() - started
 
-    def invalidate(self) -> None:
-        self.loaded = None
-
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.preprocessor(images)
 
-    def _run(self, images: np.ndarray, prompt_index: np.ndarray | None, feeds: dict[str, np.ndarray]) -> list[Any]:
+    def _run(
+        self, images: np.ndarray, prompt_index: np.ndarray | None, feeds: Mapping[str, np.ndarray]
+    ) -> list[np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
         run_feeds = dict(feeds)
         run_feeds["images"] = self.normalize(x).numpy()
@@ -166,10 +179,10 @@ class OnnxBackend:
 
     def forward(self, images: np.ndarray, choices: list[PromptChoice]) -> tuple[torch.Tensor, torch.Tensor | None]:
         entry = self.loaded
-        if entry is None:
+        if entry is None or not isinstance(entry.prepared, _Feeds):
             raise InferenceError("no version is active in the ONNX backend")
         index = prompt_indices(choices, entry.task_names) if self.spec.prompts else None
-        outputs = self._run(images, index, entry.extra["onnx_feeds"])
+        outputs = self._run(images, index, entry.prepared.feeds)
         logits = torch.from_numpy(outputs[0])
         query = torch.from_numpy(outputs[1]) if len(outputs) > 1 else None
         return logits, query
@@ -183,7 +196,7 @@ class OnnxBackend:
             tensors["prompts.keys"] = torch.ones(shapes["prompts.keys"])
         feeds = adapter_feeds(self.model, tensors)
         for n in batch_sizes:
-            images = np.full((n, *self.input_size, 3), 128, dtype=np.uint8)
+            images = probe_images(n, self.input_size)
             index = np.full(n, -1, dtype=np.int64) if self.spec.prompts else None
             (logits, *_) = self._run(images, index, feeds)
             if logits.shape != (n, 1) or not np.isfinite(logits).all():

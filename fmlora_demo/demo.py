@@ -109,6 +109,7 @@ def run_demo(
     out: Path,
     *,
     num_tasks: int = 10,
+    stream_tasks: int | None = None,
     kind: str = "class",
     train_per_class: int = 40,
     test_per_class: int = 20,
@@ -116,7 +117,10 @@ def run_demo(
     task_timeout_s: float = 3600.0,
     echo: Callable[[str], None] = print,
 ) -> DemoResult:
-    """Submit the glyph benchmark task by task to ``url`` and measure it through the API."""
+    """Submit the glyph benchmark task by task to ``url`` and measure it through the API.
+
+    ``stream_tasks``: split the benchmark into this many tasks and submit the first ``num_tasks``
+    (default: split into ``num_tasks``)."""
     import numpy as np
     from fmlora_client import Client
 
@@ -126,8 +130,8 @@ def run_demo(
 
     out.mkdir(parents=True, exist_ok=True)
     stream = make_glyph_stream(
-        kind, num_tasks, train_per_class=train_per_class, test_per_class=test_per_class, seed=seed
-    )
+        kind, stream_tasks or num_tasks, train_per_class=train_per_class, test_per_class=test_per_class, seed=seed
+    )[:num_tasks]
     result = DemoResult([], [], [], [], [])
     held_out: list[tuple[np.ndarray, list[str]]] = []
     with Client(url, admin_key=admin_key, api_key=admin_key) as client, tempfile.TemporaryDirectory() as scratch:
