@@ -61,6 +61,7 @@ RUN python3 -c "import tomllib; m = tomllib.load(open('pyproject.toml', 'rb'))['
 COPY README.md ./
 COPY fmlora/ fmlora/
 COPY server/ server/
+COPY fmlora_demo/ fmlora_demo/
 COPY clients/ clients/
 RUN pip install --no-cache-dir --no-deps . ./clients \
  && pip check \

@@ -20,7 +20,7 @@ measures images/s and latency at each batch size for:
   server's handlers call it; resizing in the engine's pool overlaps the previous forward);
 * ``http``: a real server subprocess (``fmlora serve``), ``concurrency`` asyncio httpx clients posting
   JSON requests of ``batch`` pre-encoded images to POST /predict back to back;
-* ``onnx``: the engine with ``backend='onnx'`` when server/core/onnx_engine.py and onnxruntime exist.
+* ``onnx``: the engine with ``backend='onnx'`` when server/core/backends/onnx.py and onnxruntime exist.
 
 Writes ``perf.json`` (figures, ratios to ``bare`` per batch size, the targets: engine ≥ 0.95 × bare,
 HTTP ≥ 0.85 × bare at batch 32) and ``perf-<backbone>.png``. It measures; it never asserts speed.

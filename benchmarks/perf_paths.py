@@ -338,8 +338,8 @@ class HttpRunner:
 
 def onnx_unavailable(device: str) -> str | None:
     """Why the ONNX path cannot run here (None when it can)."""
-    if importlib.util.find_spec("server.core.onnx_engine") is None:
-        return "server/core/onnx_engine.py does not exist (no ONNX backend in this checkout)"
+    if importlib.util.find_spec("server.core.backends.onnx") is None:
+        return "server/core/backends/onnx.py does not exist (no ONNX backend in this checkout)"
     if importlib.util.find_spec("onnxruntime") is None:
         return "onnxruntime is not installed"
     if device.startswith("cuda"):
