@@ -176,8 +176,8 @@ def task_settled(task: TaskInfo, until: Until) -> bool:
     if task.status == "failed":
         raise TaskFailedError(task)
     if until == "published":
-        return task.status in ("published", "live")
-    return task.status in ("published", "live") and task.version is not None
+        return task.status == "live"
+    return task.status == "live" and task.version is not None
 
 
 def live_reached(task: TaskInfo, models: ModelsInfo) -> bool:

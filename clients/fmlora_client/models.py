@@ -20,8 +20,8 @@ __all__ = [
     "VersionInfo",
 ]
 
-TASK_STATUSES = ("queued", "training", "evaluating", "published", "live", "rejected", "failed")
-TERMINAL_TASK_STATUSES = frozenset({"published", "live", "rejected", "failed"})
+TASK_STATUSES = ("queued", "training", "evaluating", "live", "rejected", "failed")
+TERMINAL_TASK_STATUSES = frozenset({"live", "rejected", "failed"})
 
 
 class _Model(BaseModel):
@@ -105,7 +105,7 @@ class TaskSubmission(_Model):
 
 
 class TaskInfo(_Model):
-    """``GET /tasks/{id}``. ``status`` is one of queued|training|evaluating|published|live|rejected|failed;
+    """``GET /tasks/{id}``. ``status`` is one of queued|training|evaluating|live|rejected|failed;
     ``progress`` holds epoch, epochs, step, steps, loss; ``version`` is set once a version was published."""
 
     id: str
@@ -125,12 +125,12 @@ class TaskInfo(_Model):
 
     @property
     def done(self) -> bool:
-        """True once the task will not change status on its own (published, live, rejected, failed)."""
+        """True once the task will not change status on its own (live, rejected, failed)."""
         return self.status in TERMINAL_TASK_STATUSES
 
     @property
     def succeeded(self) -> bool:
-        return self.status in ("published", "live")
+        return self.status == "live"
 
 
 class VersionInfo(_Model):

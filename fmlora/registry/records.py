@@ -31,9 +31,9 @@ __all__ = [
     "version_from_row",
 ]
 
-TaskStatus = Literal["queued", "training", "evaluating", "published", "live", "rejected", "failed"]
+TaskStatus = Literal["queued", "training", "evaluating", "live", "rejected", "failed"]
 VersionState = Literal["candidate", "live", "rejected", "retired"]
-TASK_STATUSES: tuple[str, ...] = ("queued", "training", "evaluating", "published", "live", "rejected", "failed")
+TASK_STATUSES: tuple[str, ...] = ("queued", "training", "evaluating", "live", "rejected", "failed")
 VERSION_STATES: tuple[str, ...] = ("candidate", "live", "rejected", "retired")
 ACTIVE_STATUSES = ("training", "evaluating")
 MAX_ATTEMPTS = 3

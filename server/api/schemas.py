@@ -28,7 +28,7 @@ __all__ = [
     "VersionOut",
 ]
 
-TaskStatus = Literal["queued", "training", "evaluating", "published", "live", "rejected", "failed"]
+TaskStatus = Literal["queued", "training", "evaluating", "live", "rejected", "failed"]
 VersionState = Literal["candidate", "live", "rejected", "retired"]
 
 

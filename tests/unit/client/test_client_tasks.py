@@ -117,12 +117,12 @@ def test_wait_until_published(make_client, server, sleeps):
         "/tasks/t1",
         httpx.Response(200, json=task_body("t1", "queued")),
         httpx.Response(200, json=task_body("t1", "training", progress={"epoch": 1})),
-        httpx.Response(200, json=task_body("t1", "published", 4)),
+        httpx.Response(200, json=task_body("t1", "live", 4)),
     )
     seen = []
     task = make_client().wait_for_task("t1", until="published", poll_interval=2, on_update=seen.append)
-    assert task.status == "published" and task.version == 4
-    assert [t.status for t in seen] == ["queued", "training", "published"]
+    assert task.status == "live" and task.version == 4
+    assert [t.status for t in seen] == ["queued", "training", "live"]
     assert sleeps.delays == [2, 2]
     assert server.calls("GET", "/models") == []  # published needs no read-your-writes check
 
@@ -152,7 +152,7 @@ def test_wait_until_live_waits_for_the_serving_replica(make_client, server, slee
 
 
 def test_wait_until_live_waits_for_the_live_pointer(make_client, server, sleeps):
-    server.on("GET", "/tasks/t1", httpx.Response(200, json=task_body("t1", "published", 5)))
+    server.on("GET", "/tasks/t1", httpx.Response(200, json=task_body("t1", "live", 5)))
     server.on(
         "GET",
         "/models",
@@ -213,6 +213,6 @@ def test_wait_polls_through_transient_errors(make_client, server, sleeps):
         "/tasks/t1",
         envelope(503, "not_ready"),
         httpx.ConnectError("blip"),
-        httpx.Response(200, json=task_body("t1", "published", 1)),
+        httpx.Response(200, json=task_body("t1", "live", 1)),
     )
     assert make_client().wait_for_task("t1", until="published").version == 1
