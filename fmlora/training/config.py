@@ -41,7 +41,7 @@ class TrainConfig(FrozenConfig):
     # The ridge head's training objective: scaled-cosine logits to class prototypes, plus a feature
     # distillation to the model before the task (weight 0: off) that bounds drift of earlier classes.
     prototype_scale: float = Field(16.0, gt=0)
-    distill_weight: float = Field(0.0, ge=0)
+    distill_weight: float = Field(1.0, ge=0)
     loader_workers: int = Field(0, ge=0)
     prefetch_batches: int = Field(4, ge=1)
     augment: bool = False
