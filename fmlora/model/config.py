@@ -195,7 +195,7 @@ class HeadConfig(FrozenConfig):
     ``linear``: rows over the pre-logit features, trained by gradient descent task by task.
     ``ridge``: rows over ``random_features`` ReLU random features of them (the projection is
     regenerated from ``projection_seed``, never stored), solved in closed form from class statistics
-    after every task (ARCHITECTURE.md §5).
+    after every task (ARCHITECTURE.md §2, "The solved head").
     """
 
     kind: Literal["linear", "ridge"] = "ridge"

@@ -33,7 +33,7 @@ class TrainConfig(FrozenConfig):
     # Decode processes for every pass over a task's images (0: decode in this process), and timm's
     # training augmentation (random resized crop, flip, colour jitter) for the training passes; the
     # paper benchmarks use both so that a GPU is never starved by JPEG decoding.
-    # How the adapter learns across tasks (ARCHITECTURE.md §5): "continual" trains it on every task,
+    # How the adapter learns across tasks (ARCHITECTURE.md §2, "The solved head"): "continual" trains it on every task,
     # "first_task" only on the first (later tasks only add class statistics, as RanPAC), "none"
     # never (a solved head on the frozen backbone). Tasks after the first train at lr x later_lr_scale.
     adaptation: Literal["continual", "first_task", "none"] = "continual"
