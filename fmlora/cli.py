@@ -160,6 +160,13 @@ def worker(
         envvar="FMLORA_GATE_MAX_FORGETTING",
         help="Promotion gate: largest allowed accuracy drop of an earlier task.",
     ),
+    baseline_tolerance: float = typer.Option(
+        0.02,
+        min=0.0,
+        envvar="FMLORA_GATE_BASELINE_TOLERANCE",
+        help="Promotion gate: how far below the training-free baseline (nearest class mean on the frozen "
+        "backbone, same held-out images) a candidate may fall; 1 turns the check off.",
+    ),
     keep_versions: int | None = typer.Option(
         None, min=0, envvar="FMLORA_KEEP_VERSIONS", help="Retention: non-live versions kept (default: all)."
     ),
@@ -182,7 +189,7 @@ def worker(
     import torch
 
     from fmlora.training.config import TrainConfig
-    from fmlora.worker.worker import GateConfig, Worker, WorkerConfig
+    from fmlora.worker import GateConfig, Worker, WorkerConfig
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -198,7 +205,11 @@ def worker(
         )
         config = WorkerConfig(
             train=train,
-            gate=GateConfig(min_new_task_accuracy=min_new_task_accuracy, max_forgetting=max_forgetting),
+            gate=GateConfig(
+                min_new_task_accuracy=min_new_task_accuracy,
+                max_forgetting=max_forgetting,
+                baseline_tolerance=baseline_tolerance,
+            ),
             keep_versions=keep_versions,
         )
     except FmloraError as exc:
