@@ -1,0 +1,45 @@
+"""The promotion gate (fmlora.worker.gate) and the worker state it reads (fmlora.worker.state)."""
+
+import pytest
+import torch
+
+from fmlora.data import make_synthetic_stream
+from fmlora.errors import WorkerStateError
+from fmlora.model import FMLoRAModel
+from fmlora.registry.worker_state import WorkerState
+from fmlora.training import Learner, TrainConfig
+from fmlora.worker import GateConfig
+from fmlora.worker.state import pack_state, unpack_state
+from tests.conftest import tiny_config
+
+
+def test_a_candidate_below_the_training_free_baseline_is_rejected_with_the_reason():
+    gate = GateConfig(baseline_tolerance=0.02)
+    baseline = {"new_task": 0.60, "overall": 0.55}
+    assert gate.check(0.59, {}, 0.54, baseline) == []  # within the tolerance
+    reasons = gate.check(0.40, {}, 0.56, baseline)
+    assert len(reasons) == 1 and "new-task accuracy 0.4000 is below the training-free baseline's 0.6000" in reasons[0]
+    reasons = gate.check(0.70, {}, 0.50, baseline)
+    assert len(reasons) == 1 and reasons[0].startswith("all-class accuracy 0.5000")
+    assert GateConfig(baseline_tolerance=None).check(0.0, {}, 0.0, baseline) == []
+    assert gate.check(0.0, {}, 0.0, None) == []  # no baseline yet: nothing to compare
+
+
+def test_worker_state_carries_both_statistics_and_refuses_another_head():
+    torch.manual_seed(0)
+    model = FMLoRAModel(tiny_config())
+    task = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=5, test_per_class=2)[0]
+    classes = unpack_state(None, model)
+    assert classes.ridge is not None and classes.ridge.labels == [] and classes.baseline.dim == 0
+    Learner(TrainConfig(epochs=1, progress_bar=False)).learn_task(model, task, statistics=classes.ridge)
+    classes.baseline.add(torch.randn(len(task.train), model.embed_dim), task.train.labels, task.train.classes)
+    state = pack_state(classes)
+    back = unpack_state(state, model)
+    assert back.ridge is not None and back.ridge.labels == list(task.classes)
+    assert torch.equal(back.ridge.gram, classes.ridge.gram) and torch.equal(back.baseline.sums, classes.baseline.sums)
+    # Statistics of another head (another projection seed) are refused, not silently reused.
+    other = WorkerState(
+        state.tensors, {**state.meta, "ridge": {**state.meta["ridge"], "random_features": {"dim": 2000, "seed": 9}}}
+    )
+    with pytest.raises(WorkerStateError, match="ridge statistics cannot be used"):
+        unpack_state(other, model)
