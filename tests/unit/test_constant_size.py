@@ -3,7 +3,7 @@
 import torch
 
 from fmlora.data import ImageSet, TaskData
-from fmlora.model import FMLoRAModel, save_snapshot
+from fmlora.model import FMLoRAModel, HeadConfig, save_snapshot
 from fmlora.training import Learner, TrainConfig
 from tests.conftest import random_images, tiny_config
 
@@ -16,7 +16,7 @@ def tiny_task(t: int) -> TaskData:
 
 def test_adapter_size_is_constant_and_later_tasks_train_only_their_factors(tmp_path):
     torch.manual_seed(0)
-    model = FMLoRAModel(tiny_config())
+    model = FMLoRAModel(tiny_config(head=HeadConfig(kind="linear")))
     learner = Learner(TrainConfig(epochs=1, batch_size=4, progress_bar=False))
     r, n = model.config.adapter.rank, model.adapted_matrix_count
     bank = model.prompt_bank.prompts.numel()

@@ -1,9 +1,12 @@
 import torch
 
 from fmlora.data import ImageSet, TaskData, make_synthetic_stream
-from fmlora.model import FMLoRAModel
+from fmlora.model import FMLoRAModel, HeadConfig
 from fmlora.training import Learner, TrainConfig
 from tests.conftest import tiny_config
+
+# These tests check the training loop itself on the linear head (tests/unit/training covers the ridge head).
+LINEAR = HeadConfig(kind="linear")
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -12,7 +15,7 @@ def _cfg(**kw) -> TrainConfig:
 
 def test_progress_callback_sees_every_step_and_loss_falls():
     torch.manual_seed(0)
-    model = FMLoRAModel(tiny_config())
+    model = FMLoRAModel(tiny_config(head=LINEAR))
     task = make_synthetic_stream(num_tasks=1, classes_per_task=3, train_per_class=8, test_per_class=2)[0]
     seen = []
     report = Learner(_cfg()).learn_task(model, task, seen.append)
@@ -28,7 +31,7 @@ def test_training_is_deterministic_for_a_seed():
     outs = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = FMLoRAModel(tiny_config())
+        model = FMLoRAModel(tiny_config(head=LINEAR))
         Learner(_cfg(seed=3)).learn_task(model, task)
         outs.append(model.adapter_tensors())
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
@@ -36,7 +39,7 @@ def test_training_is_deterministic_for_a_seed():
 
 def test_domain_task_reuses_classes_and_trains_shared_rows():
     torch.manual_seed(0)
-    model = FMLoRAModel(tiny_config())
+    model = FMLoRAModel(tiny_config(head=LINEAR))
     first = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=6, test_per_class=2, seed=0)[0]
     Learner(_cfg()).learn_task(model, first)
     other = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=6, test_per_class=2, seed=5)[0]
@@ -87,7 +90,7 @@ def test_augmented_training_through_decode_workers_is_deterministic_and_differs_
     outs = []
     for augment in (True, True, False):
         torch.manual_seed(0)
-        model = FMLoRAModel(tiny_config())
+        model = FMLoRAModel(tiny_config(head=LINEAR))
         Learner(_cfg(seed=3, augment=augment, loader_workers=1)).learn_task(model, task)
         outs.append(model.adapter_tensors())
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])

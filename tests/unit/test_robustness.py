@@ -10,7 +10,7 @@ from fmlora.data import make_synthetic_stream
 from fmlora.errors import AdapterStateError, DataError, PromptError, SnapshotFormatError
 from fmlora.model import FMLoRAModel, PromptConfig, load_snapshot, save_snapshot
 from fmlora.model.snapshot import CONFIG_FILE, TENSOR_FILE, sha256_file
-from fmlora.training import Learner, TrainConfig
+from fmlora.training import Learner, TrainConfig, new_statistics
 from tests.conftest import random_images, tiny_config
 from tests.helpers import learn_quickly
 
@@ -66,8 +66,10 @@ def test_merged_weight_follows_the_model_to_another_dtype(learned):
 def test_failed_task_is_rolled_back_and_can_be_retried(tiny_model):
     stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=4, test_per_class=2)
     learner = Learner(TrainConfig(epochs=1, batch_size=4, progress_bar=False))
-    learner.learn_task(tiny_model, stream[0])
+    stats = new_statistics(tiny_model)
+    learner.learn_task(tiny_model, stream[0], statistics=stats)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    gram = stats.gram.clone()
     labels = tiny_model.labels
 
     def explode(progress) -> None:
@@ -75,19 +77,22 @@ def test_failed_task_is_rolled_back_and_can_be_retried(tiny_model):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        learner.learn_task(tiny_model, stream[1], explode)
+        learner.learn_task(tiny_model, stream[1], explode, statistics=stats)
     after = tiny_model.state_dict()
+    assert torch.equal(stats.gram, gram) and stats.labels == labels  # the statistics rolled back too
     assert not tiny_model.task_in_progress and tiny_model.labels == labels
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert tiny_model.trainable_parameter_count() == 0
-    learner.learn_task(tiny_model, stream[1])
+    learner.learn_task(tiny_model, stream[1], statistics=stats)
     assert [t.name for t in tiny_model.tasks] == ["task0", "task1"]
 
 
 def test_learning_leaves_the_global_rng_alone(tiny_model):
     task = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=4, test_per_class=2)[0]
     state = torch.get_rng_state()
-    Learner(TrainConfig(epochs=1, batch_size=4, progress_bar=False)).learn_task(tiny_model, task)
+    Learner(TrainConfig(epochs=1, batch_size=4, progress_bar=False)).learn_task(
+        tiny_model, task, statistics=new_statistics(tiny_model)
+    )
     assert torch.equal(torch.get_rng_state(), state)
 
 
