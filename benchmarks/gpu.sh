@@ -235,6 +235,16 @@ if [[ "$SKIP" != *,soak,* && -f benchmarks/soak.py ]]; then
     step soak 150 "$PY" -m benchmarks.soak --out "$WORK/soak" --backbone "$BACKBONE" --device "$DEVICE" \
         --dtype "$DTYPE" --swaps "${SOAK_SWAPS:-400}"
 fi
+# Accuracy on ImageNet-R (InfLoRA protocol, ViT-B/16 in21k) when the data and the backbone weights are
+# on the machine: the training-free baselines beside FM-LoRA, one seed (DATA_ROOT holds imagenet-r/;
+# pretrained weights come from the local hub cache, nothing is downloaded).
+if [[ "$SKIP" != *,imagenet-r,* && -d "${DATA_ROOT:-/data}/imagenet-r" ]]; then
+    step imagenet-r "${IMAGENET_R_BUDGET_S:-1800}" "$PY" -m fmlora.cli bench --benchmark imagenet-r \
+        --data-root "${DATA_ROOT:-/data}" --tasks 10 --seeds 0 --device "$DEVICE" \
+        --methods ncm,ranpac,fmlora --out "$WORK/imagenet-r"
+else
+    say "imagenet-r: no ${DATA_ROOT:-/data}/imagenet-r here, accuracy run skipped"
+fi
 nvidia-smi --query-gpu=memory.used,memory.total,utilization.gpu --format=csv >>"$OUT/env.txt" 2>&1
 
 # --- results: at most 8 files come back -----------------------------------------------------------
@@ -243,6 +253,7 @@ cp "$WORK/pip-list.txt" "$WORK/perf/" 2>/dev/null || true
 tar czf "$OUT/results.tar.gz" -C "$WORK" --exclude venv --exclude '*.safetensors' --exclude 'home*' . 2>/dev/null
 cp "$WORK/perf/perf.json" "$OUT/perf.json" 2>/dev/null
 cp "$WORK"/perf/perf-*.png "$OUT/" 2>/dev/null
+cp "$WORK/imagenet-r/summary.md" "$OUT/imagenet-r-summary.md" 2>/dev/null
 for name in swap soak; do
     f=$(ls "$WORK/$name"/*.json 2>/dev/null | head -1)
     [[ -n "$f" ]] && cp "$f" "$OUT/$name-$(basename "$f")"
