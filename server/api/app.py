@@ -34,7 +34,15 @@ from server.api.state import ServerState
 from server.core.engine import Engine, EngineConfig
 from server.core.protocol import ServingEngine
 
-__all__ = ["BodyLimitMiddleware", "ServerState", "build_engine", "create_app", "model_config_for", "open_registry", "s3_options_for"]
+__all__ = [
+    "BodyLimitMiddleware",
+    "ServerState",
+    "build_engine",
+    "create_app",
+    "model_config_for",
+    "open_registry",
+    "s3_options_for",
+]
 
 log = logging.getLogger("fmlora.server")
 

@@ -118,9 +118,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, description="Grace period for in-flight requests on SIGTERM.")
     embedded_worker: bool = Field(True, description="fmlora serve also runs a training worker.")
 
-    @field_validator(
-        "admin_key", "api_key", "registry_url", "store_url", "s3_endpoint_url", "s3_region", mode="before"
-    )
+    @field_validator("admin_key", "api_key", "registry_url", "store_url", "s3_endpoint_url", "s3_region", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():

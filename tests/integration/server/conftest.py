@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from fmlora.errors import UnknownTaskError, VersionNotFoundError
-from fmlora.model.prompts import PromptChoice
 from fmlora.model import FMLoRAModel
+from fmlora.model.prompts import PromptChoice
 from fmlora.registry.publish import publish_version
 from fmlora.registry.registry import Registry
 from server.api.app import create_app
