@@ -211,12 +211,19 @@ class _DamageOnRecord(Registry):
     """``registry``, except that ``record_version`` first damages the written and verified snapshot."""
 
     def __init__(self, registry: Registry, kind: str) -> None:
-        super().__init__(registry.home, registry.model_config)
+        super().__init__(registry.home, registry.model_config, registry.db, registry.store)
         self.kind = kind
 
     def record_version(self, *, version: int, sha256: str, **fields: Any) -> VersionInfo:  # type: ignore[override]
-        rewritten = _damage(self.kind, self.snapshot_dir(version))
-        return super().record_version(version=version, sha256=rewritten or sha256, **fields)
+        directory = self.snapshot_dir(version)  # a file store: the stored objects themselves
+        rewritten = _damage(self.kind, directory)
+        # The objects' hashes follow the damage too, so that only the parser or the model's checks refuse it.
+        objects = fields.pop("objects", None) or {}
+        objects = {
+            name: sha256_file(directory / name) if (directory / name).is_file() else sha
+            for name, sha in objects.items()
+        }
+        return super().record_version(version=version, sha256=rewritten or sha256, objects=objects, **fields)
 
 
 def _damage(kind: str, directory: Path) -> str | None:

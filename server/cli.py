@@ -23,6 +23,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import typer
 from pydantic import SecretStr, ValidationError
@@ -93,9 +94,27 @@ class EmbeddedWorker:
 
     restart_delay_s = 5.0
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, registry_url: str | None = None, store_url: str | None = None):
         EmbeddedWorkerSettings()  # fail fast, in the parent, on invalid FMLORA_WORKER_* values
-        self.command = [sys.executable, "-m", "fmlora.cli", "worker", "--home", str(home)]
+        # --parent-pid: the worker ends when this process does, even by SIGKILL (a parent-death signal
+        # plus a watch), so an orphan never keeps the lease. Its own session still keeps a Ctrl-C in
+        # the terminal from reaching it before the server has drained.
+        self.command = [
+            sys.executable,
+            "-m",
+            "fmlora.cli",
+            "worker",
+            "--home",
+            str(home),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        # Secrets in a URL travel in the child's environment, not on its command line (ps shows that).
+        self.env = dict(os.environ)
+        if registry_url:
+            self.env["FMLORA_REGISTRY_URL"] = registry_url
+        if store_url:
+            self.env["FMLORA_STORE_URL"] = store_url
         self._stopping = threading.Event()
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
@@ -109,7 +128,9 @@ class EmbeddedWorker:
             with self._lock:
                 if self._stopping.is_set():
                     return
-                self._process = subprocess.Popen(self.command, start_new_session=True)
+                # Started from this long-lived thread: the worker's parent-death signal fires when the
+                # thread that forked it ends (PR_SET_PDEATHSIG is per thread).
+                self._process = subprocess.Popen(self.command, start_new_session=True, env=self.env)
             code = self._process.wait()
             if self._stopping.is_set():
                 return
@@ -129,6 +150,23 @@ class EmbeddedWorker:
                 process.kill()
                 process.wait()
         self._supervisor.join(timeout=5.0)
+
+
+def worker_store_url(settings: Settings) -> str | None:
+    """The store URL for the embedded worker: the server's S3 options ride in the URL's query (the
+    worker reads FMLORA_STORE_URL alone; credentials stay in the inherited AWS variables)."""
+    url = settings.store_url
+    if not url or not url.startswith("s3://"):
+        return url
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    extra = {
+        "endpoint_url": settings.s3_endpoint_url,
+        "region": settings.s3_region,
+        "addressing_style": settings.s3_addressing_style,
+    }
+    query.update({k: v for k, v in extra.items() if v and k not in query})
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def _display_host(host: str) -> str:
@@ -218,7 +256,7 @@ def serve(
     embedded = None
     if settings.embedded_worker:
         try:
-            embedded = EmbeddedWorker(registry.home)
+            embedded = EmbeddedWorker(registry.home, registry.registry_url, worker_store_url(settings))
         except ValidationError as exc:
             typer.echo(f"error: invalid worker settings: {exc.error_count()} problem(s): {exc}", err=True)
             raise typer.Exit(2) from None

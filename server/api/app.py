@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fmlora._version import __version__
 from fmlora.model.config import BackboneConfig, ModelConfig, override_backbone
 from fmlora.registry.registry import Registry
+from fmlora.registry.store import S3Options
 from server.api.console import install_console
 from server.api.errors import ApiError, RequestContextMiddleware, error_response, install_error_handlers, request_id_of
 from server.api.metrics import ServerMetrics
@@ -33,7 +34,15 @@ from server.api.state import ServerState
 from server.core.engine import Engine, EngineConfig
 from server.core.protocol import ServingEngine
 
-__all__ = ["BodyLimitMiddleware", "ServerState", "build_engine", "create_app", "model_config_for", "open_registry"]
+__all__ = [
+    "BodyLimitMiddleware",
+    "ServerState",
+    "build_engine",
+    "create_app",
+    "model_config_for",
+    "open_registry",
+    "s3_options_for",
+]
 
 log = logging.getLogger("fmlora.server")
 
@@ -105,8 +114,25 @@ def model_config_for(settings: Settings) -> ModelConfig | None:
     return ModelConfig(backbone=backbone)
 
 
+def s3_options_for(settings: Settings) -> S3Options:
+    """S3 options from settings; credentials stay with boto3's standard sources (AWS_* variables, profiles)."""
+    return S3Options(
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        addressing_style=settings.s3_addressing_style,
+    )
+
+
 def open_registry(settings: Settings) -> Registry:
-    return Registry.open(settings.home, model_config_for(settings))
+    """The registry the settings name; a malformed URL or refused credentials raise RegistryConfigError /
+    StoreConfigError naming FMLORA_REGISTRY_URL or FMLORA_STORE_URL."""
+    return Registry.open(
+        settings.home,
+        model_config_for(settings),
+        registry_url=settings.registry_url_value,
+        store_url=settings.store_url,
+        s3=s3_options_for(settings),
+    )
 
 
 # Settings that configure the engine, under the same names in EngineConfig.
@@ -126,7 +152,8 @@ ENGINE_SETTINGS = (
 
 def build_engine(settings: Settings, registry: Registry) -> Engine:
     """The torch (or ONNX) engine configured from settings."""
-    return Engine(registry, EngineConfig(**{name: getattr(settings, name) for name in ENGINE_SETTINGS}))
+    fields = {name: getattr(settings, name) for name in ENGINE_SETTINGS}
+    return Engine(registry, EngineConfig(**fields, notify=settings.registry_notify))
 
 
 @asynccontextmanager

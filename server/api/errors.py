@@ -34,6 +34,8 @@ from fmlora.errors import (
     IntakeError,
     InvalidImageError,
     PromptError,
+    RegistryUnavailableError,
+    StoreUnavailableError,
     TaskConflictError,
     TaskError,
     TaskNotFoundError,
@@ -64,6 +66,8 @@ _SCOPE_KEY = "fmlora.request_id"
 
 # Library errors: the most specific class listed first wins (the MRO is walked in order).
 LIBRARY_ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
+    RegistryUnavailableError: (503, "registry_unavailable"),
+    StoreUnavailableError: (503, "store_unavailable"),
     TaskNotFoundError: (404, "task_not_found"),
     VersionNotFoundError: (404, "version_not_found"),
     VersionStateError: (409, "version_state"),
@@ -78,6 +82,13 @@ LIBRARY_ERRORS: Mapping[type[BaseException], tuple[int, str]] = {
     PromptError: (422, "invalid_prompt"),
     TaskError: (422, "invalid_task"),
     DataError: (400, "invalid_image"),
+}
+
+# A dependency that is down (the database, the object store): the caller retries; the server logs the cause.
+UNAVAILABLE_RETRY_AFTER_S = 5
+_UNAVAILABLE_MESSAGES = {
+    "registry_unavailable": "the registry database is unreachable; retry later (predictions keep being served)",
+    "store_unavailable": "the artifact store is unreachable; retry later (predictions keep being served)",
 }
 
 _STATUS_TYPES = {
@@ -185,6 +196,10 @@ def map_exception(exc: BaseException) -> tuple[int, str, str, float | None] | No
         for cls in type(exc).__mro__:
             if cls in LIBRARY_ERRORS:
                 status, error_type = LIBRARY_ERRORS[cls]
+                if error_type in _UNAVAILABLE_MESSAGES:
+                    # The library's message names hosts and drivers: log it, answer a fixed one.
+                    logger.warning("%s: %s", error_type, exc)
+                    return status, error_type, _UNAVAILABLE_MESSAGES[error_type], UNAVAILABLE_RETRY_AFTER_S
                 return status, error_type, str(exc) or error_type, None
     return None
 

@@ -177,6 +177,12 @@ class HealthResponse(_Out):
 class ReadyResponse(_Out):
     status: Literal["ready"] = "ready"
     serving_version: int | None
+    dependencies: dict[str, str] = Field(
+        default_factory=dict,
+        description="registry: 'ok' or 'unreachable'; feed: 'notify', 'polling' or 'off'. A replica whose "
+        "registry is unreachable stays ready and serves the version it holds.",
+    )
+    degraded: list[str] = Field(default_factory=list, description="Dependencies that are down (empty when none).")
 
 
 class InfoResponse(_Out):

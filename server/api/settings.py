@@ -31,7 +31,24 @@ class Settings(BaseSettings):
     )
 
     # -- where and what ----------------------------------------------------------------------
-    home: Path = Field(Path("fmlora-home"), description="Registry directory (tasks, snapshots, registry.db).")
+    home: Path = Field(
+        Path("fmlora-home"),
+        description="This host's registry directory: registry.db and snapshots by default, else the local cache.",
+    )
+    registry_url: SecretStr | None = Field(
+        None,
+        description="sqlite:///path/registry.db (default: HOME/registry.db) or postgresql://user[:password]@host:port/db.",
+    )
+    store_url: str | None = Field(
+        None, description="file:///path (default: HOME) or s3://bucket/prefix for snapshots and task archives."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, ...); credentials come from the standard AWS variables."
+    )
+    s3_region: str | None = Field(None, description="S3 region (default: the AWS variables / config).")
+    s3_addressing_style: Literal["path", "virtual", "auto"] | None = Field(
+        None, description="S3 addressing style ('path' for most self-hosted endpoints)."
+    )
     model_config_file: Path | None = Field(
         None,
         description="JSON ModelConfig used when HOME is created (default: the shipped offline glyph ViT); "
@@ -67,6 +84,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (decode, queue, inference).")
     cached_versions: int = Field(4, ge=1, description="Versions kept in memory for pinning and instant rollback.")
     poll_interval_s: float = Field(0.5, gt=0, description="How often the registry's live pointer is checked.")
+    registry_notify: bool = Field(
+        True,
+        description="On PostgreSQL, learn of new versions through LISTEN/NOTIFY (polling stays the fallback).",
+    )
     follow_registry: bool = Field(
         True,
         description="Follow the registry's live pointer (poll it, and reload on activation). False: keep serving "
@@ -97,7 +118,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0, description="Grace period for in-flight requests on SIGTERM.")
     embedded_worker: bool = Field(True, description="fmlora serve also runs a training worker.")
 
-    @field_validator("admin_key", "api_key", mode="before")
+    @field_validator("admin_key", "api_key", "registry_url", "store_url", "s3_endpoint_url", "s3_region", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
@@ -128,6 +149,10 @@ class Settings(BaseSettings):
         if self.max_queue < self.max_images_per_request:
             raise ValueError("max_queue must be at least max_images_per_request, or large requests could never run")
         return self
+
+    @property
+    def registry_url_value(self) -> str | None:
+        return self.registry_url.get_secret_value() if self.registry_url is not None else None
 
     @property
     def auth_summary(self) -> dict[str, bool]:

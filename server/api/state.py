@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from fmlora.errors import RegistryUnavailableError
 from fmlora.registry.registry import Registry, VersionInfo
 from server.api.metrics import ScrapeState, ServerMetrics
 from server.api.settings import Settings
@@ -49,6 +50,27 @@ class ServerState:
         """What this replica serves, or None while it is not ready (read once per response)."""
         return self.engine.serving if self.is_ready() and self.engine is not None else None
 
+    def dependencies(self) -> dict[str, str]:
+        """What the engine's registry watcher last saw (no database round trip on a probe)."""
+        if self.engine is None or not self.started:
+            return {}
+        stats = self.engine.stats()
+        return {
+            "registry": "ok" if stats.get("registry_reachable", True) else "unreachable",
+            "feed": str(stats.get("registry_feed", "polling")),
+        }
+
+    def live_version(self) -> int | None:
+        """The registry's live version; when the database cannot be read, the last one the watcher saw."""
+        if self.registry is None:
+            return None
+        try:
+            return self.registry.live_version()
+        except RegistryUnavailableError:
+            if self.engine is None or not self.started:
+                return None
+            return self.engine.stats().get("registry_live_version")
+
     def require_registry(self) -> Registry:
         if self.registry is None:
             raise NotReadyError("the registry is not open yet")
@@ -78,7 +100,7 @@ class ServerState:
         """What /metrics reports at scrape time (called in a worker thread)."""
         engine = self.engine
         serving = self.serving()
-        live = self.registry.live_version() if self.registry is not None else None
+        live = self.live_version()
         serving_info = self.version_info(None if serving is None else serving.version)
         live_info = self.version_info(live)
         info = None if engine is None else engine.describe()

@@ -24,6 +24,9 @@ class EngineConfig:
     # and instant rollback; each costs its adapter tensors plus, merged, one copy of every adapted matrix.
     cached_versions: int = 4
     poll_interval_s: float = 0.5
+    # Wake on the registry's change feed (PostgreSQL LISTEN/NOTIFY) where it has one; polling stays the
+    # fallback. False (or SQLite): poll only.
+    notify: bool = True
     backend: Literal["torch", "onnx"] = "torch"
     merge_adapters: bool = True
     # Centre-crop fraction when resizing to the model's input size. None: the model's timm data config

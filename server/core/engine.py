@@ -48,7 +48,7 @@ from server.core.protocol import BatchCallback, EngineInfo, EngineStats, PromptI
 from server.core.request import Item, check_prompt, check_version_number, parse_request, within
 from server.core.results import ImageResult, Prediction, answer_batch
 from server.core.versions import KnownBadVersionError, RegistryView, VersionCache, VersionEntry
-from server.core.watcher import PollingSource, VersionSource
+from server.core.watcher import NotifySource, PollingSource, VersionSource
 
 __all__ = ["Engine", "EngineConfig", "SourceFactory", "resolve_device", "resolve_dtype"]
 
@@ -178,6 +178,10 @@ class Engine:
     def _polling_source(
         self, read_live: Callable[[], int | None], current: Callable[[], int | None], apply: Callable[[int], None]
     ) -> VersionSource:
+        listen = getattr(self.registry, "listen", None)
+        notifies = bool(getattr(getattr(self.registry, "db", None), "supports_notify", False))
+        if self.config.notify and notifies and listen is not None:
+            return NotifySource(read_live, current, apply, listen, self.config.poll_interval_s)
         return PollingSource(read_live, current, apply, self.config.poll_interval_s)
 
     def _load_initial(self) -> None:
@@ -306,6 +310,15 @@ class Engine:
             registry_poll_errors_total=0 if source is None else source.poll_errors_total,
             registry_live_version=None if source is None else source.last_seen,
             versions=None if self._cache is None else self._cache.stats(),
+            registry_reachable=True if source is None else source.registry_reachable,
+            registry_unreachable_s=None
+            if source is None or source.unreachable_since is None
+            else round(time.monotonic() - source.unreachable_since, 3),
+            registry_feed="off"
+            if source is None
+            else "notify"
+            if isinstance(source, NotifySource) and source.listening
+            else "polling",
         )
 
     # -- metrics hooks -------------------------------------------------------------------------

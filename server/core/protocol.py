@@ -7,7 +7,7 @@ with a fake. Everything an engine reports is typed here, so a host needs no ``ge
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, TypedDict
+from typing import Literal, Protocol, TypedDict
 
 import numpy as np
 from typing_extensions import NotRequired
@@ -74,6 +74,10 @@ class EngineStats(TypedDict):
     registry_poll_errors_total: int
     registry_live_version: int | None
     versions: CacheStats | None
+    # False while the last read of the registry failed (the database is down); the replica keeps serving.
+    registry_reachable: NotRequired[bool]
+    registry_unreachable_s: NotRequired[float | None]  # for how long, in seconds
+    registry_feed: NotRequired[Literal["notify", "polling", "off"]]  # how the replica learns of new versions
 
 
 class ServedVersion(Protocol):

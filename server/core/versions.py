@@ -30,7 +30,14 @@ from typing import Protocol, TypedDict
 
 import torch
 
-from fmlora.errors import SnapshotError, SnapshotFormatError, SnapshotIntegrityError
+from fmlora.errors import (
+    ObjectIntegrityError,
+    RegistryUnavailableError,
+    SnapshotError,
+    SnapshotFormatError,
+    SnapshotIntegrityError,
+    StoreUnavailableError,
+)
 from fmlora.model.config import ModelConfig
 from fmlora.model.model import TaskRecord
 from fmlora.model.snapshot import Snapshot, SnapshotManifest, read_snapshot
@@ -73,7 +80,10 @@ class RegistryView(Protocol):
 
     def list_versions(self) -> Sequence[_RecordedVersion]: ...
 
-    def snapshot_dir(self, version: int) -> Path: ...
+    def fetch_version(self, version: int) -> Path:
+        """A local directory with the version's objects, verified against the registry (fetched from
+        the artifact store into this host's cache when the store is remote)."""
+        ...
 
 
 class _RecordedVersion(Protocol):
@@ -264,8 +274,9 @@ class VersionCache:
 
     def _load_now(self, version: int, sha256: str) -> VersionEntry:
         started = time.perf_counter()
-        path = Path(self.registry.snapshot_dir(version))
+        path = Path(f"v{version}")  # named in messages until the store has said where it is
         try:
+            path = Path(self.registry.fetch_version(version))
             if not path.is_dir():
                 raise FileNotFoundError(f"snapshot directory {path} does not exist")
             snapshot = read_snapshot(path)
@@ -291,7 +302,9 @@ class VersionCache:
             )
             entry = replace(entry, prepared=self.backend.prepare(entry))
         except BaseException as exc:
-            self._record_failure(version, sha256, exc)
+            # A dependency that is down says nothing about the snapshot: try again at the next look.
+            if not isinstance(exc, (RegistryUnavailableError, StoreUnavailableError)):
+                self._record_failure(version, sha256, exc)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             raise VersionUnavailableError(
@@ -310,7 +323,8 @@ class VersionCache:
         return entry
 
     def _record_failure(self, version: int, sha256: str | None, exc: BaseException) -> None:
-        permanent = isinstance(exc, SnapshotError)
+        # Stored bytes that do not match the registry's sha256 will not match later either.
+        permanent = isinstance(exc, (SnapshotError, ObjectIntegrityError))
         with self._lock:
             previous = self._failures.get(version)
             attempts = 1 if previous is None or previous.sha256 != sha256 else previous.attempts + 1

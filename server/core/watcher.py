@@ -5,12 +5,15 @@ is serving (``current``), hands it to ``apply`` (the engine's load-verify-prepar
 does that once, now (an admin reload calls it); ``start()`` runs a thread that calls ``check()``
 whenever the source's ``_watch`` loop says to. ``PollingSource`` checks every ``poll_interval_s``;
 another source (e.g. one woken by database notifications) subclasses ``VersionSource`` and
-implements ``_watch`` alone.
+implements ``_watch`` alone. ``NotifySource`` is that one: it wakes on the registry's change feed
+(PostgreSQL LISTEN/NOTIFY) and keeps polling as the fallback, since a notification sent while its
+connection was down is lost.
 
 Failures are the version cache's business to remember: a version that failed is refused cheaply
 (``KnownBadVersionError``) until its backoff ends or an admin reload forgets it, so a bad snapshot is
 never retried in a tight loop. A registry that cannot be read is logged (rate-limited) and the
-current version keeps serving.
+current version keeps serving; ``registry_reachable`` says whether the last read worked (what
+``/readyz`` reports as a degraded dependency).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-__all__ = ["PollingSource", "VersionSource"]
+__all__ = ["NotifySource", "PollingSource", "VersionSource"]
 
 log = logging.getLogger("fmlora.server.core.watcher")
 
@@ -45,6 +49,12 @@ class VersionSource:
         self.poll_errors_total = 0
         self.last_seen: int | None = None
         self._last_error_log = 0.0
+        self.registry_error: str | None = None  # the error type of the last failed read; None after a good one
+        self.unreachable_since: float | None = None  # time.monotonic() of the first failed read in a row
+
+    @property
+    def registry_reachable(self) -> bool:
+        return self.registry_error is None
 
     def start(self) -> None:
         if self._thread is not None:
@@ -87,10 +97,16 @@ class VersionSource:
             except Exception as exc:
                 self.poll_errors_total += 1
                 now = time.monotonic()
+                self.registry_error = type(exc).__name__
+                if self.unreachable_since is None:
+                    self.unreachable_since = now
                 if now - self._last_error_log > 30:
                     self._last_error_log = now
                     log.warning("cannot read the registry's live version (%s); still serving the current one", exc)
                 return self.last_seen
+            if self.registry_error is not None:
+                log.info("the registry answers again (%s before)", self.registry_error)
+            self.registry_error = self.unreachable_since = None
             self.last_seen = live
             if live is not None and live != self._current():
                 self._apply(live)
@@ -117,3 +133,72 @@ class PollingSource(VersionSource):
     def _watch(self, stop: threading.Event) -> None:
         while not stop.wait(self.poll_interval_s):
             self.check_safely()
+
+
+class NotifySource(VersionSource):
+    """Wakes on the registry's change feed (``listen(timeout_s)``: payloads as versions change, None
+    every ``timeout_s`` without one) and still polls every ``poll_interval_s``: a notification sent
+    while the listening connection was down is lost, and a poll finds what it said. When the feed
+    fails (the database restarts, a proxy drops the connection) the source polls alone and reconnects
+    every ``reconnect_s``; after a reconnect it checks at once."""
+
+    def __init__(
+        self,
+        read_live: Callable[[], int | None],
+        current: Callable[[], int | None],
+        apply: Callable[[int], None],
+        listen: Callable[[float], Iterable[dict[str, Any] | None]],
+        poll_interval_s: float = 0.5,
+        *,
+        reconnect_s: float = 1.0,
+        name: str = "fmlora-watcher",
+    ) -> None:
+        if poll_interval_s <= 0 or reconnect_s <= 0:
+            raise ValueError("poll_interval_s and reconnect_s must be positive")
+        super().__init__(read_live, current, apply, name=name)
+        self._listen = listen
+        self.poll_interval_s = poll_interval_s
+        self.reconnect_s = reconnect_s
+        self.listening = False
+        self.notifications_total = 0
+        self.feed_errors_total = 0
+        self._last_feed_log = 0.0
+
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self._follow_feed(stop)
+            except Exception as exc:
+                self.feed_errors_total += 1
+                now = time.monotonic()
+                if now - self._last_feed_log > 30:
+                    self._last_feed_log = now
+                    log.warning("the registry's change feed is down (%s); polling until it is back", exc)
+            self.listening = False
+            # Poll alone until the next reconnect attempt.
+            retry_at = time.monotonic() + self.reconnect_s
+            while not stop.is_set() and time.monotonic() < retry_at:
+                self.check_safely()
+                stop.wait(min(self.poll_interval_s, max(0.0, retry_at - time.monotonic())))
+
+    def _follow_feed(self, stop: threading.Event) -> None:
+        timeout = min(self.poll_interval_s, 1.0)
+        feed = iter(self._listen(timeout))
+        try:
+            next_poll = 0.0  # check once the feed is up: what changed while it was down
+            first = True
+            for payload in feed:
+                if first:
+                    first = False
+                    self.listening = True
+                if stop.is_set():
+                    return
+                if payload is not None:
+                    self.notifications_total += 1
+                if payload is not None or time.monotonic() >= next_poll:
+                    self.check_safely()
+                    next_poll = time.monotonic() + self.poll_interval_s
+        finally:
+            close = getattr(feed, "close", None)
+            if close is not None:
+                close()

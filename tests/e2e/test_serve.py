@@ -205,3 +205,66 @@ def test_serve_with_embedded_worker_learns_an_uploaded_task(tmp_path):
         assert "Traceback" not in server.output()
     finally:
         server.kill()
+
+
+def _worker_pids(server_pid: int) -> list[int]:
+    """The embedded workers started by ``server_pid`` (their command names it as --parent-pid)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            b"worker" in argv
+            and b"--parent-pid" in argv
+            and argv[argv.index(b"--parent-pid") + 1] == str(server_pid).encode()
+        ):
+            found.append(int(entry.name))
+    return found
+
+
+def test_sigkill_of_serve_takes_its_worker_down_and_the_next_server_finishes_the_task(tmp_path):
+    home = tmp_path / "home"
+    registry, _ = tiny_home(home)
+    worker_env = {"FMLORA_WORKER_BATCH_SIZE": "8", "FMLORA_WORKER_DEVICE": "cpu"}
+    first = Server(home, tmp_path / "first.log", env={**worker_env, "FMLORA_WORKER_EPOCHS": "400"})
+    second = None
+    try:
+        first.wait_ready()
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        files = {"archive": ("birds.zip", zip_task({"robin": (200, 40, 40), "crow": (20, 20, 20)}), "application/zip")}
+        r = httpx.post(f"{first.url}/tasks", files=files, data={"name": "birds"}, headers=headers, timeout=60)
+        assert r.status_code == 202, r.text
+        task_id = r.json()["id"]
+        deadline = time.monotonic() + 60
+        while registry.get_task(task_id).status != "training":
+            assert time.monotonic() < deadline, first.output()[-3000:]
+            time.sleep(0.1)
+        workers = _worker_pids(first.process.pid)
+        assert len(workers) == 1, workers
+
+        first.process.kill()  # SIGKILL: no handler runs in the server
+        first.process.wait(10)
+        deadline = time.monotonic() + 10
+        while _worker_pids(first.process.pid):  # a zombie has no command line: gone counts
+            assert time.monotonic() < deadline, "the embedded worker outlived its server"
+            time.sleep(0.1)
+
+        second = Server(home, tmp_path / "second.log", env={**worker_env, "FMLORA_WORKER_EPOCHS": "1"})
+        second.wait_ready()
+        deadline = time.monotonic() + 120
+        while registry.get_task(task_id).status not in ("live", "rejected", "failed"):
+            assert time.monotonic() < deadline, second.output()[-3000:]
+            time.sleep(0.2)
+        assert registry.get_task(task_id).status == "live", second.output()[-3000:]
+        assert [v.version for v in registry.list_versions() if v.task_id == task_id] == [
+            registry.get_task(task_id).version
+        ]
+        assert second.stop(signal.SIGINT) == 0, second.output()
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()

@@ -30,8 +30,14 @@ async def healthz(request: Request) -> HealthResponse:
 @router.get("/readyz", response_model=ReadyResponse, responses=_UNAVAILABLE, summary="Readiness")
 async def readyz(request: Request) -> ReadyResponse:
     """Ready once the model (a snapshot or the bare backbone) is loaded and warmed up; it stays ready
-    while a new version is swapped in."""
-    return ReadyResponse(serving_version=get_state(request).ensure_ready().serving_version)
+    while a new version is swapped in, and while the registry database is unreachable: the replica
+    keeps serving the version it holds, so ``degraded`` names the dependency and the status stays 200
+    (an orchestrator must not take every replica out at once for an outage none of them can fix)."""
+    state = get_state(request)
+    engine = state.ensure_ready()
+    dependencies = state.dependencies()
+    degraded = sorted(name for name, status in dependencies.items() if status == "unreachable")
+    return ReadyResponse(serving_version=engine.serving_version, dependencies=dependencies, degraded=degraded)
 
 
 @router.get("/info", response_model=InfoResponse, dependencies=[Depends(require_api_key)], summary="Server info")
@@ -50,7 +56,7 @@ def info(request: Request) -> InfoResponse:
         ready=state.is_ready(),
         serving_version=None if serving is None else serving.version,
         serving_sha256=None if serving is None else serving.sha256,
-        live_version=state.registry.live_version() if state.registry is not None else None,
+        live_version=state.live_version(),
         labels=0 if serving is None else len(serving.labels),
         tasks=[] if serving is None else list(serving.task_names),
         limits={

@@ -15,11 +15,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from fmlora.errors import UnknownTaskError, VersionNotFoundError
+from fmlora.model import FMLoRAModel
 from fmlora.model.prompts import PromptChoice
+from fmlora.registry.publish import publish_version
 from fmlora.registry.registry import Registry
 from server.api.app import create_app
 from server.api.settings import Settings
@@ -27,6 +30,7 @@ from server.core.errors import NoModelError, NotReadyError
 from server.core.protocol import BatchCallback, EngineInfo, EngineStats, PromptInput, SwapCallback
 from server.core.results import ImageResult, LabelScore, Prediction, PromptUsed
 from tests.conftest import tiny_config
+from tests.helpers import learn_quickly
 
 ADMIN = "admin-key-0123456789abcdef"
 API = "api-key-0123456789abcdef"
@@ -207,22 +211,20 @@ def png_bytes(size: tuple[int, int] = (8, 8), color: tuple[int, int, int] = (200
 def publish_fake_version(
     registry: Registry, tasks: list[str], card: dict[str, Any] | None = None, accepted: bool = True
 ) -> int:
-    """Record a version whose snapshot directory exists (the fake engine never reads it)."""
-    version = registry.next_version()
-    directory = registry.snapshot_dir(version)
-    directory.mkdir(parents=True)
-    (directory / "adapter_config.json").write_text("{}")
-    registry.record_version(
-        version=version,
-        parent=registry.live_version(),
-        sha256=f"{version:064x}",
-        tasks=tasks,
+    """Publish a version with ``tasks`` through ``publish_version`` (the worker's path, any store):
+    a tiny model whose tasks stand in for learned ones (the fake engine never reads the snapshot)."""
+    torch.manual_seed(0)
+    model = FMLoRAModel(registry.model_config)
+    for seed, task in enumerate(tasks):
+        learn_quickly(model, task, [f"{task}-a", f"{task}-b"], seed=seed)
+    info = publish_version(
+        registry,
+        model,
         card=card or {"accuracy": {t: 0.9 for t in tasks}, "final_accuracy": 0.9, "forgetting": 0.01},
-        adapter_bytes=12345,
-        task_id=None,
+        parent=registry.live_version(),
         accepted=accepted,
     )
-    return version
+    return info.version
 
 
 @pytest.fixture

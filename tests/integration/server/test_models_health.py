@@ -34,7 +34,9 @@ def test_models_lists_versions_with_cards_live_and_serving(make_client, versione
     assert body["live"] == 2 and body["serving"] == 2
     assert [(v["version"], v["state"]) for v in body["versions"]] == [(1, "retired"), (2, "live"), (3, "rejected")]
     assert body["versions"][1]["card"]["accuracy"] == {"pets": 0.88, "birds": 0.8}
-    assert body["versions"][1]["adapter_bytes"] == 12345 and body["versions"][1]["sha256"] == f"{2:064x}"
+    recorded = versioned.get_version(2)
+    assert body["versions"][1]["adapter_bytes"] == recorded.adapter_bytes > 0
+    assert body["versions"][1]["sha256"] == recorded.sha256
     assert client.get("/models/1").json()["tasks"] == ["pets"]
     assert_envelope(client.get("/models/9"), 404, "version_not_found")
     assert_envelope(client.get("/models/abc"), 422, "validation_error")
@@ -88,7 +90,9 @@ def test_readiness_waits_for_the_engine_and_liveness_does_not(make_client, regis
     info = client.get("/info").json()
     assert info["ready"] is False and info["serving_version"] is None and info["tasks"] == [] and info["labels"] == 0
     wait_ready(client)
-    assert client.get("/readyz").json() == {"status": "ready", "serving_version": None}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["serving_version"] is None
+    assert ready["degraded"] == [] and ready["dependencies"]["registry"] == "ok"
 
 
 def test_engine_that_fails_to_start_makes_both_probes_fail_without_details(make_client, registry, caplog):
@@ -137,7 +141,7 @@ def test_metrics_report_requests_engine_and_live_card(make_client, versioned):
     assert "fmlora_swaps_total 3.0" in text and "fmlora_swaps_failed_total 1.0" in text
     assert 'fmlora_swap_duration_seconds_count{outcome="ok"} 2.0' in text
     assert "fmlora_live_version 2.0" in text and "fmlora_serving_version 2.0" in text
-    assert "fmlora_adapter_bytes 12345.0" in text
+    assert f"fmlora_adapter_bytes {float(versioned.get_version(2).adapter_bytes)}" in text
     assert 'fmlora_task_accuracy{task="birds"} 0.8' in text and 'fmlora_task_accuracy{task="pets"} 0.88' in text
     assert "fmlora_live_final_accuracy 0.84" in text and "fmlora_live_forgetting 0.03" in text
     assert "fmlora_ready 1.0" in text and 'fmlora_build_info{backbone="vit_tiny_patch16_224"' in text

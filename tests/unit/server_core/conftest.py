@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fmlora.model import FMLoRAModel, save_snapshot
+from fmlora.model import FMLoRAModel
 from fmlora.model.config import ModelConfig
 from fmlora.model.snapshot import TENSOR_FILE
+from fmlora.registry.publish import publish_version
 from fmlora.registry.registry import Registry
 from server.core.engine import Engine, EngineConfig, SourceFactory
 from tests.conftest import tiny_config
@@ -43,24 +44,19 @@ class Publisher:
     def publish(
         self, model: FMLoRAModel | None = None, *, accepted: bool = True, tamper: Callable[[int], None] | None = None
     ) -> int:
-        """Save and record a version (live when ``accepted``); ``tamper(version)`` damages the files
-        before the registry records them, so no reader can see the good files first."""
+        """Publish a version through ``publish_version`` (live when ``accepted``); ``tamper(version)``
+        damages the stored files after they were hashed and before the registry records them, so no
+        reader can see the good files first."""
         model = model or self.trainer
-        version = self.registry.next_version()
-        manifest = save_snapshot(model, self.registry.snapshot_dir(version), version=version)
-        if tamper is not None:
-            tamper(version)
-        self.registry.record_version(
-            version=version,
-            parent=self.registry.live_version(),
-            sha256=manifest.tensors_sha256,
-            tasks=[t.name for t in model.tasks],
-            card={},
-            adapter_bytes=manifest.adapter_bytes,
-            task_id=None,
-            accepted=accepted,
+
+        def hook(stage: str, version: int) -> None:
+            if stage == "written" and tamper is not None:
+                tamper(version)
+
+        info = publish_version(
+            self.registry, model, card={}, parent=self.registry.live_version(), accepted=accepted, hook=hook
         )
-        return version
+        return info.version
 
     def learn_and_publish(self, name: str, classes: list[str]) -> int:
         self.learn(name, classes)

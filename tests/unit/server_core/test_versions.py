@@ -100,7 +100,7 @@ def test_permanent_failures_are_remembered_until_forgotten(publisher, backend):
         cache.load(v1)
     assert len(backend.checked) == checked and cache.stats()["loads_failed"] == 1
     failure = cache.failure(v1)
-    assert failure is not None and failure.error_type == "SnapshotIntegrityError" and failure.retry_at is None
+    assert failure is not None and failure.error_type == "ObjectIntegrityError" and failure.retry_at is None
     cache.forget_failure(v1)
     with pytest.raises(VersionUnavailableError) as info:
         cache.load(v1)
