@@ -15,6 +15,7 @@ from .errors import FmloraError
 
 if TYPE_CHECKING:
     from fmlora.registry.registry import Registry
+    from fmlora.registry.store import S3Options
 
 app = typer.Typer(help="fmlora: continually learning image classifiers (FM-LoRA on timm ViTs).", no_args_is_help=True)
 
@@ -122,6 +123,7 @@ def _home_registry(
     backbone_weights: str | None,
     registry_url: str | None = None,
     store_url: str | None = None,
+    s3: S3Options | None = None,
 ) -> Registry:
     from fmlora.model.config import BackboneConfig, ModelConfig, override_backbone
     from fmlora.registry.registry import Registry
@@ -129,7 +131,7 @@ def _home_registry(
     config = None
     if backbone is not None:
         config = ModelConfig(backbone=override_backbone(BackboneConfig(name=backbone), None, backbone_weights or None))
-    return Registry.open(home, config, registry_url=registry_url or None, store_url=store_url or None)
+    return Registry.open(home, config, registry_url=registry_url or None, store_url=store_url or None, s3=s3)
 
 
 @app.command()
@@ -177,6 +179,13 @@ def worker(
     store_url: str | None = typer.Option(
         None, envvar="FMLORA_STORE_URL", help="file:///path or s3://bucket/prefix (default: HOME)."
     ),
+    s3_endpoint_url: str | None = typer.Option(
+        None, envvar="FMLORA_S3_ENDPOINT_URL", help="An S3-compatible endpoint (MinIO, Ceph RGW) for s3:// stores."
+    ),
+    s3_region: str | None = typer.Option(None, envvar="FMLORA_S3_REGION", help="S3 region."),
+    s3_addressing_style: str | None = typer.Option(
+        None, envvar="FMLORA_S3_ADDRESSING_STYLE", help="S3 addressing: path (MinIO) or virtual."
+    ),
     parent_pid: int | None = typer.Option(
         None, envvar="FMLORA_PARENT_PID", help="Stop (requeueing the task) when this process is gone."
     ),
@@ -195,7 +204,10 @@ def worker(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        registry = _home_registry(home, backbone, backbone_weights, registry_url, store_url)
+        from fmlora.registry.store import S3Options
+
+        s3 = S3Options(endpoint_url=s3_endpoint_url, region=s3_region, addressing_style=s3_addressing_style)
+        registry = _home_registry(home, backbone, backbone_weights, registry_url, store_url, s3)
         train = TrainConfig(
             epochs=epochs,
             batch_size=batch_size,

@@ -44,7 +44,6 @@ BACKEND_VARIABLES = {
 }
 # Settings that issue 15 adds to the server and `fmlora worker` (registry and store backends). Until they
 # are fields of Settings and options of the worker, they are accepted by name here.
-SCALE_OUT_SETTINGS = {"FMLORA_REGISTRY_URL", "FMLORA_STORE_URL", "FMLORA_S3_ENDPOINT_URL"}
 # Standard variables of the AWS clients, not fmlora settings.
 AWS_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION"}
 
@@ -916,7 +915,7 @@ def test_every_fmlora_variable_is_a_real_setting(cli_commands, compose):
     worker_vars = {v for e in worker_vars for v in ([e] if isinstance(e, str) else e)}
     assert "FMLORA_WORKER_DEVICE" in worker_vars
     for name, service in _fmlora_services(compose).items():
-        known = (server_vars if _is_server(service) else worker_vars) | SCALE_OUT_SETTINGS
+        known = server_vars if _is_server(service) else worker_vars
         for variable in _env(service):
             if variable.startswith("FMLORA_"):
                 assert variable in known, f"{name}: {variable} is not read by `{' '.join(service['command'][:2])}`"

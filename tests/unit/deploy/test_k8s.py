@@ -41,7 +41,6 @@ BACKENDS = {
 }
 # Settings that issue 15 adds to the server and `fmlora worker` (registry and store backends). Until they
 # are fields of Settings and options of the worker, they are accepted by name here.
-SCALE_OUT_SETTINGS = {"FMLORA_REGISTRY_URL", "FMLORA_STORE_URL", "FMLORA_S3_ENDPOINT_URL"}
 # Standard variables of the AWS clients, not fmlora settings.
 AWS_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION"}
 IMAGE_UID = 10001  # the Dockerfile's USER
@@ -369,9 +368,9 @@ def test_every_fmlora_variable_is_a_real_setting(overlay):
         for name in environment(overlay, deployment):
             if name in config_map(overlay):
                 # One ConfigMap for all: each variable must be read by the server or the worker.
-                assert name in server_vars | worker_vars | SCALE_OUT_SETTINGS | AWS_VARIABLES, name
+                assert name in server_vars | worker_vars | AWS_VARIABLES, name
             else:
-                assert name in known | SCALE_OUT_SETTINGS | AWS_VARIABLES, f"{deployment['metadata']['name']}: {name}"
+                assert name in known | AWS_VARIABLES, f"{deployment['metadata']['name']}: {name}"
 
 
 def test_config_values_are_valid_settings(overlay, monkeypatch):
