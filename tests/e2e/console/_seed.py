@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+from fmlora.registry.artifacts import fetch_task
 from fmlora.registry.intake import submit_task
 from fmlora.registry.registry import Registry
 from fmlora.training.config import TrainConfig
@@ -23,7 +24,7 @@ LEARNED = {
 }
 # Two classes with the same images: no model can tell them apart, so the candidate misses the gate.
 AMBIGUOUS = {"twin-a": (128, 128, 128), "twin-b": (128, 128, 128)}
-GATE = GateConfig(min_new_task_accuracy=0.6, max_forgetting=1.0)
+GATE = GateConfig(min_new_task_accuracy=0.6, max_forgetting=1.0, baseline_tolerance=None)
 
 
 def _train(gate: GateConfig) -> WorkerConfig:
@@ -56,7 +57,8 @@ def seed_home(home: Path) -> Registry:
     broken = submit_task(
         registry, io.BytesIO(zip_task({"sand": (220, 200, 140), "rock": (90, 80, 70)})), name="broken", kind="class"
     )
-    manifest = registry.task_dir(broken.id) / "task.json"
+    # The worker reads the task from this host's unpacked copy of the stored archive: break it there.
+    manifest = fetch_task(registry, broken.id) / "task.json"
     data = json.loads(manifest.read_text(encoding="utf-8"))
     data["files"]["eval"] = []
     manifest.write_text(json.dumps(data), encoding="utf-8")
