@@ -163,7 +163,7 @@ def worker(
         help="Promotion gate: largest allowed accuracy drop of an earlier task.",
     ),
     baseline_tolerance: float = typer.Option(
-        0.02,
+        0.05,
         min=0.0,
         envvar="FMLORA_GATE_BASELINE_TOLERANCE",
         help="Promotion gate: how far below the training-free baseline (nearest class mean on the frozen "
