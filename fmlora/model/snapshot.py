@@ -46,6 +46,7 @@ __all__ = [
     "Snapshot",
     "SnapshotManifest",
     "check_compatible",
+    "fsync_path",
     "load_snapshot",
     "read_snapshot",
     "save_snapshot",
@@ -137,7 +138,8 @@ def _adapter_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(constant))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path (a directory: so a rename into it is durable)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -199,7 +201,7 @@ def save_snapshot(
             fh.write(manifest.model_dump_json(indent=2))
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(staging)
+        fsync_path(staging)
         # rename(2) would silently replace an empty directory created meanwhile; publishers are
         # serialised by the registry's lock, this check catches everyone else.
         if target.exists():
@@ -208,7 +210,7 @@ def save_snapshot(
             os.rename(staging, target)
         except OSError as exc:
             raise SnapshotExistsError(f"cannot publish {target}: {exc}") from exc
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -11,21 +11,11 @@ import uuid
 from pathlib import Path
 
 from fmlora.errors import ObjectNotFoundError, SnapshotExistsError, StoreConfigError, StoreError
+from fmlora.model.snapshot import fsync_path
 
 from .base import ArtifactStore, ObjectInfo, check_key, hashing_copy, sha256_of, staged_file, verify
 
 __all__ = ["FileStore"]
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileStore(ArtifactStore):
@@ -60,7 +50,7 @@ class FileStore(ArtifactStore):
                         sha256, _ = hashing_copy(source, target)
                         target.flush()
                         os.fsync(target.fileno())
-            _fsync(dest.parent)
+            fsync_path(dest.parent)
         except OSError as exc:
             raise StoreError(f"cannot store {key} in {self.url}: {exc}") from exc
         return sha256
@@ -79,9 +69,9 @@ class FileStore(ArtifactStore):
                 staging = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
                 shutil.copytree(directory, staging)
                 for name in hashes:
-                    _fsync(staging / name)
+                    fsync_path(staging / name)
                 os.rename(staging, dest)
-            _fsync(dest.parent)
+            fsync_path(dest.parent)
         except OSError as exc:
             raise StoreError(f"cannot store {prefix}/ in {self.url}: {exc}") from exc
         return hashes
