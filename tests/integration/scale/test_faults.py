@@ -24,7 +24,7 @@ from tests.integration.registry.services import postgres_cluster, postgres_url, 
 from tests.integration.server.conftest import ADMIN, auth, png_bytes, wait_ready
 
 IMAGES = [base64.b64encode(png_bytes((40, 30), (200, 10, 10))).decode()]
-OUTAGE_S = 6.0
+OUTAGE_S = 10.0  # the outage issue 15 names
 
 
 def _until(check, timeout: float = 20.0, every: float = 0.05):
