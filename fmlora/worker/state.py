@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fmlora.errors import WorkerStateError
+from fmlora.errors import DataError, WorkerStateError
 from fmlora.model.model import FMLoRAModel
 from fmlora.registry.worker_state import WorkerState
 from fmlora.training.learner import new_statistics
@@ -40,7 +40,6 @@ def unpack_state(state: WorkerState | None, model: FMLoRAModel) -> ClassState:
     parent published before statistics existed)."""
     if state is None or not state.tensors:
         return _empty(model)
-    from fmlora.errors import DataError
 
     def part(prefix: str, random_features: object) -> ClassStatistics | None:
         tensors = {k.removeprefix(prefix + "."): v for k, v in state.tensors.items() if k.startswith(prefix + ".")}
