@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,25 @@ if TYPE_CHECKING:
     from fmlora.registry.store import S3Options
 
 app = typer.Typer(help="fmlora: continually learning image classifiers (FM-LoRA on timm ViTs).", no_args_is_help=True)
+
+
+def _options(items: list[str], flag: str) -> dict[str, object]:
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            typer.echo(f"error: {flag} wants KEY=VALUE, got {item!r}", err=True)
+            raise typer.Exit(2)
+        options[key.strip()] = _option_value(raw)
+    return options
+
+
+def _option_value(raw: str) -> object:
+    """A JSON literal where the text is one (1.0, true, null), the text itself otherwise."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 def _split(value: str) -> list[str]:
@@ -44,8 +64,15 @@ def bench(
     data_root: Path | None = typer.Option(None, help="Dataset root for the paper benchmarks."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
     out: Path = typer.Option(Path("runs/bench"), help="Output directory (results.json, summary.md, PNGs)."),
+    train_option: list[str] = typer.Option(
+        [], help="KEY=VALUE, a TrainConfig field over the benchmark's (repeatable), e.g. later_lr_scale=1.0."
+    ),
+    model_option: list[str] = typer.Option(
+        [], help="PATH=VALUE, a ModelConfig field by dotted path (repeatable), e.g. adapter.train_bases=every_task."
+    ),
 ) -> None:
     """Run continual-learning methods on a task stream; write results.json, summary.md and plots."""
+    options, model_options = _options(train_option, "--train-option"), _options(model_option, "--model-option")
     spec = BenchSpec(
         benchmark=benchmark,
         methods=tuple(_split(methods)),
@@ -57,6 +84,8 @@ def bench(
         backbone_weights=backbone_weights,
         data_root=data_root,
         device=device,
+        train_options=options,
+        model_options=model_options,
     )
     try:
         results = run_benchmark(spec)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from fmlora.data.images import TaskData, concat_sources
@@ -179,10 +180,33 @@ class BenchSpec:
     backbone_weights: str | None = None
     data_root: Path | None = None
     device: str = "cpu"
+    # TrainConfig fields set on top of the benchmark's (e.g. {"later_lr_scale": 1.0}), for ablations.
+    train_options: dict[str, Any] = field(default_factory=dict)
+    # ModelConfig fields by dotted path (e.g. {"adapter.train_bases": "every_task"}), for ablations.
+    model_options: dict[str, Any] = field(default_factory=dict)
 
 
 def _model_config(bench: Benchmark, backbone: BackboneConfig) -> ModelConfig:
     return ModelConfig(backbone=backbone, adapter=bench.adapter, prompts=bench.prompts)
+
+
+def _with_options(config: ModelConfig, options: dict[str, Any]) -> ModelConfig:
+    """``config`` with dotted-path fields replaced, validated as a whole."""
+    data = config.model_dump()
+    for path, value in options.items():
+        *parents, leaf = path.split(".")
+        node = data
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise ConfigError(f"bad model option {path!r}: {key!r} is not a section of ModelConfig")
+            node = node[key]
+        if leaf not in node:
+            raise ConfigError(f"bad model option {path!r}: no field {leaf!r}")
+        node[leaf] = value
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"bad model option: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None
 
 
 def _snapshot_bytes(model: FMLoRAModel) -> int:
@@ -205,6 +229,10 @@ def _run_sequential(method: str, config: ModelConfig, tasks: list[TaskData], lea
         "adapter_bytes_per_task": adapter_bytes,
         "ranks": [r.task.rank for r in reports],
         "task_complexity": [round(r.task.complexity, 4) for r in reports],
+        # How far each task's training moved its own features (relative), and whether earlier
+        # classes' statistics were moved with them.
+        "feature_drift_per_task": [None if r.feature_drift is None else round(r.feature_drift, 5) for r in reports],
+        "drift_compensated_per_task": [r.drift_compensated for r in reports],
     }
 
 
@@ -262,8 +290,18 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
     backbone = spec.backbone or override_backbone(
         bench.backbone(spec.out / "backbones"), spec.backbone_name, spec.backbone_weights
     )
-    config = _model_config(bench, backbone)
-    train = bench.train.model_copy(update={"device": spec.device, **({"epochs": spec.epochs} if spec.epochs else {})})
+    config = _with_options(_model_config(bench, backbone), spec.model_options)
+    try:
+        train = TrainConfig.model_validate(
+            {
+                **bench.train.model_dump(),
+                **spec.train_options,
+                "device": spec.device,
+                **({"epochs": spec.epochs} if spec.epochs else {}),
+            }
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"bad training option: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None
     num_tasks = spec.num_tasks or bench.default_tasks
     probe = FMLoRAModel(config)
     image_size, fingerprint = probe.preprocessor.input_size, probe.backbone_sha256
@@ -303,6 +341,7 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
                     "seconds": time.perf_counter() - started,
                     "epochs": train.epochs,
                     "train_config": train.model_dump(mode="json"),
+                    "model_options": dict(spec.model_options),
                     "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 }
             )

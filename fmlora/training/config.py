@@ -42,6 +42,11 @@ class TrainConfig(FrozenConfig):
     # distillation to the model before the task (weight 0: off) that bounds drift of earlier classes.
     prototype_scale: float = Field(16.0, gt=0)
     distill_weight: float = Field(1.0, ge=0)
+    # After each adapted task, earlier classes' statistics are moved to the new features by an affine
+    # map fitted on the task's own images (fmlora/training/drift.py); "none" keeps them as taken.
+    drift_compensation: Literal["affine", "none"] = "affine"
+    drift_ridge: float = Field(0.1, ge=0)
+    drift_samples: int = Field(32, ge=1)
     loader_workers: int = Field(0, ge=0)
     prefetch_batches: int = Field(4, ge=1)
     augment: bool = False

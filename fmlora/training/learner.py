@@ -20,9 +20,10 @@ from fmlora.model.model import FMLoRAModel, TaskRecord
 from fmlora.model.rank_selector import task_complexity, task_novelty
 
 from .config import TrainConfig
+from .drift import compensate_drift, fit_affine_drift
 from .metrics import AccuracyMatrix
 from .objectives import LinearObjective, Objective, PrototypeObjective
-from .statistics import ClassStatistics, RidgeSolution
+from .statistics import ClassStatistics
 
 __all__ = ["Learner", "TaskReport", "TrainingProgress", "collect_features", "evaluate", "new_statistics"]
 
@@ -47,6 +48,10 @@ class TaskReport(BaseModel):
     seconds: float
     trainable_parameters: int
     prior_expected_rank: float
+    # How far training moved the task's own features (mean displacement / mean norm), and whether
+    # earlier classes' statistics were moved with them; None where the head keeps no statistics.
+    feature_drift: float | None = None
+    drift_compensated: bool = False
 
 
 ProgressCallback = Callable[[TrainingProgress], None]
@@ -95,6 +100,20 @@ def evaluate(
         logits = model(model.preprocessor(x).to(model.device), prompts)
         correct += int((logits.argmax(dim=-1).cpu() == head_index[y]).sum())
     return correct / len(data)
+
+
+@torch.no_grad()
+def _features_and_queries(
+    model: FMLoRAModel, data: ImageSource, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pre-logit features and (with a prompt bank) prompt queries of ``data``, in one pass."""
+    features, queries = [], []
+    for x, _ in image_batches(data, cfg.eval_batch_size, loader=LoaderConfig(workers=cfg.loader_workers)):
+        out = model.forward_detailed(model.preprocessor(x).to(model.device))
+        features.append(out.features.float().cpu())
+        if out.query is not None:
+            queries.append(out.query.float().cpu())
+    return torch.cat(features), (torch.cat(queries) if queries else None)
 
 
 def new_statistics(model: FMLoRAModel) -> ClassStatistics:
@@ -163,6 +182,7 @@ class Learner:
 
         objective: Objective
         head = {id(p) for p in model.head.parameters()}
+        before = None
         if statistics is None:
             objective = LinearObjective(model, task.classes, cfg)
             params = model.trainable_parameters()
@@ -183,16 +203,21 @@ class Learner:
         step, loss_value = self._optimise(model, task, objective, groups, generator, progress) if trained else (0, 0.0)
 
         model.eval()
-        task_key = None
-        if model.prompt_bank is not None:
-            # In eval mode the hard-gated live factors give the same outputs as the folded core.
-            queries = collect_features(
-                model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).query, cfg.loader_workers
-            )
-            task_key = queries.mean(0)
+        # One pass after training gives both the task's prompt key and its features for the head.
+        needs_pass = (statistics is not None and trained) or model.prompt_bank is not None
+        after, queries = _features_and_queries(model, task.train, cfg) if needs_pass else (before, None)
+        task_key = queries.mean(0) if queries is not None else None
         # Solved before the task ends (in eval mode the live factors give the folded outputs), so a
         # failure still rolls the task back; only assigning the rows is left for after.
-        solution = self._solve_head(model, task, statistics) if statistics is not None else None
+        solution, drift_size, compensated = None, None, False
+        if statistics is not None and before is not None and after is not None:
+            salt = cfg.seed * 1009 + len(model.tasks)
+            drift = fit_affine_drift(before, after, cfg.drift_ridge)
+            drift_size = drift.relative_size(before)
+            if trained and cfg.drift_compensation == "affine" and statistics.labels:
+                compensate_drift(statistics, drift, samples_per_class=cfg.drift_samples, seed=salt)
+                compensated = True
+            solution = statistics.add_task(after, task.train.labels, task.classes, seed=salt)
         record = model.end_task(features.mean(0), task_key)
         if solution is not None and statistics is not None:
             order = [statistics.labels.index(label) for label in model.head.labels]
@@ -205,6 +230,8 @@ class Learner:
             seconds=time.perf_counter() - started,
             trainable_parameters=sum(p.numel() for p in trained),
             prior_expected_rank=prior_rank,
+            feature_drift=drift_size,
+            drift_compensated=compensated,
         )
 
     def _optimise(
@@ -262,14 +289,6 @@ class Learner:
         finally:
             bar.close()
         return step, loss_value
-
-    def _solve_head(self, model: FMLoRAModel, task: TaskData, statistics: ClassStatistics) -> RidgeSolution:
-        """Add the task's features under the trained model to the statistics; solve every row."""
-        cfg = self.config
-        after = collect_features(
-            model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).features, cfg.loader_workers
-        )
-        return statistics.add_task(after, task.train.labels, task.classes, seed=cfg.seed * 1009 + len(model.tasks))
 
     def _lr_lambda(self, total: int) -> Callable[[int], float]:
         warmup = int(self.config.warmup_fraction * total)

@@ -1,6 +1,8 @@
 """Class statistics and the classifier solved from them, without keeping a single image.
 
-Per class: the count and the feature sum (so the mean). Shared: the Gram matrix ``G = Σ h hᵀ`` and
+Per class: the count and the feature sum (so the mean). Shared: the second moment ``R = Σ f fᵀ`` of
+the features themselves (so the pooled within-class covariance, which drift compensation samples
+from: ``fmlora/training/drift.py``), the Gram matrix ``G = Σ h hᵀ`` and
 ``Q = Σ h yᵀ`` of the random features ``h = ReLU(P f)`` of every training image seen so far (RanPAC's
 ridge head). They grow with the number of classes (Q gains a column per class, the means a row),
 never with the number of images, and they add up across tasks: a domain-incremental task adds to its
@@ -61,6 +63,10 @@ def ncm_logits(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     return (f @ m.T).float()
 
 
+def _moment_of_means(counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    return sums.T @ (sums / counts.clamp_min(1).unsqueeze(1))
+
+
 class ClassStatistics:
     """Running per-class and shared statistics of features and their random projection."""
 
@@ -74,6 +80,7 @@ class ClassStatistics:
         self.labels: list[str] = []
         self.counts = torch.zeros(0, dtype=torch.float64)
         self.sums = torch.zeros(0, in_features, dtype=torch.float64)
+        self.moment = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.gram = torch.zeros(dim, dim, dtype=torch.float64)
         self.cross = torch.zeros(dim, 0, dtype=torch.float64)
 
@@ -85,8 +92,20 @@ class ClassStatistics:
     def means(self) -> torch.Tensor:
         return self.sums / self.counts.clamp_min(1).unsqueeze(1)
 
+    def within_class_covariance(self, shrinkage: float = 0.1) -> torch.Tensor:
+        """Pooled within-class covariance of the features, shrunk towards its mean variance."""
+        d = self.in_features
+        total = float(self.counts.sum())
+        if total <= len(self.labels):
+            return torch.zeros(d, d, dtype=torch.float64)
+        scatter = self.moment - _moment_of_means(self.counts, self.sums)
+        covariance = (scatter + scatter.T) / (2 * (total - len(self.labels)))
+        target = float(covariance.diagonal().clamp_min(0).mean()) * torch.eye(d, dtype=torch.float64)
+        return (1 - shrinkage) * covariance + shrinkage * target
+
     @torch.no_grad()
-    def _lift(self, features: torch.Tensor) -> torch.Tensor:
+    def lift(self, features: torch.Tensor) -> torch.Tensor:
+        """The features the ridge head reads (random features where there are), float64."""
         f = features.float().cpu()
         return (self.random_features.cpu()(f) if self.random_features is not None else f).double()
 
@@ -109,7 +128,7 @@ class ClassStatistics:
         if not torch.isfinite(features).all():
             raise DataError("features must be finite")
         columns = self._columns(classes)[labels]
-        h = self._lift(features) if self.dim else torch.zeros(len(labels), 0, dtype=torch.float64)
+        h = self.lift(features) if self.dim else torch.zeros(len(labels), 0, dtype=torch.float64)
         return columns, h.T @ h, h, torch.nn.functional.one_hot(columns, len(self.labels)).double()
 
     def add(self, features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
@@ -119,6 +138,7 @@ class ClassStatistics:
         self.cross += h.T @ y
         self.counts.index_add_(0, columns, torch.ones(len(columns), dtype=torch.float64))
         self.sums.index_add_(0, columns, features.double())
+        self.moment += features.double().T @ features.double()
 
     def solve(self, relative_lambda: float) -> torch.Tensor:
         """Ridge weights (dim, classes) for λ = ``relative_lambda`` x the mean diagonal of G."""
@@ -131,7 +151,7 @@ class ClassStatistics:
         return weight.float()
 
     def logits(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return (self._lift(features).float() @ weight).float()
+        return (self.lift(features).float() @ weight).float()
 
     def add_task(
         self,
@@ -152,7 +172,7 @@ class ClassStatistics:
             # One eigendecomposition serves every candidate: W(λ) = V diag(1 / (s + λ)) Vᵀ Q.
             values, vectors = torch.linalg.eigh(trial.gram)
             projected = vectors.T @ trial.cross
-            h_held = trial._lift(features[held]) @ vectors
+            h_held = trial.lift(features[held]) @ vectors
             scale = float(trial.gram.diagonal().mean()) or 1.0
             for lam in candidates:
                 scores = h_held @ (projected / (values.clamp_min(0) + lam * scale).unsqueeze(1))
@@ -165,7 +185,13 @@ class ClassStatistics:
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         """Tensors and a JSON-able meta dict that restore these statistics exactly (worker state)."""
-        tensors = {"counts": self.counts, "sums": self.sums, "gram": self.gram, "cross": self.cross}
+        tensors = {
+            "counts": self.counts,
+            "sums": self.sums,
+            "moment": self.moment,
+            "gram": self.gram,
+            "cross": self.cross,
+        }
         meta: dict[str, object] = {"labels": list(self.labels), "in_features": self.in_features, "dim": self.dim}
         if self.random_features is not None:
             rf = self.random_features
@@ -191,24 +217,28 @@ class ClassStatistics:
             gram, cross = tensors["gram"].double(), tensors["cross"].double()
         except KeyError as exc:
             raise DataError(f"the stored class statistics lack {exc}") from None
+        # State published before the second moment was kept: the class means' own moment (no
+        # within-class spread is known for those classes).
+        moment = tensors["moment"].double() if "moment" in tensors else _moment_of_means(counts, sums)
         c, d, m = len(labels), stats.in_features, stats.dim
-        shapes = (tuple(counts.shape), tuple(sums.shape), tuple(gram.shape), tuple(cross.shape))
-        if shapes != ((c,), (c, d), (m, m), (m, c)):
+        shapes = tuple(tuple(x.shape) for x in (counts, sums, moment, gram, cross))
+        if shapes != ((c,), (c, d), (d, d), (m, m), (m, c)):
             raise DataError(f"the stored class statistics have shapes {shapes}")
-        if not all(bool(torch.isfinite(x).all()) for x in (counts, sums, gram, cross)):
+        if not all(bool(torch.isfinite(x).all()) for x in (counts, sums, moment, gram, cross)):
             raise DataError("the stored class statistics are not finite")
         stats.labels = [str(label) for label in labels]
-        stats.counts, stats.sums, stats.gram, stats.cross = counts, sums, gram, cross
+        stats.counts, stats.sums, stats.moment, stats.gram, stats.cross = counts, sums, moment, gram, cross
         return stats
 
     def replace_with(self, other: ClassStatistics) -> None:
         """Take ``other``'s contents (a trial copy that succeeded)."""
         self.labels = list(other.labels)
-        self.counts, self.sums, self.gram, self.cross = other.counts, other.sums, other.gram, other.cross
+        self.counts, self.sums, self.moment = other.counts, other.sums, other.moment
+        self.gram, self.cross = other.gram, other.cross
 
     def copy(self) -> ClassStatistics:
         other = ClassStatistics(self.in_features, self.random_features, keep_gram=self.dim > 0)
         other.labels = list(self.labels)
-        other.counts, other.sums = self.counts.clone(), self.sums.clone()
+        other.counts, other.sums, other.moment = self.counts.clone(), self.sums.clone(), self.moment.clone()
         other.gram, other.cross = self.gram.clone(), self.cross.clone()
         return other

@@ -58,6 +58,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "fmlora-continual": _ridge_head,
     "fmlora-first-task": _ridge_head,
     "fmlora-frozen": _ridge_head,
+    "fmlora-no-drift": _ridge_head,
     "fmlora-linear": _linear_head,
 }
 
@@ -66,6 +67,8 @@ TRAINING: dict[str, dict[str, Any]] = {
     "fmlora-continual": {"adaptation": "continual"},  # adapt on every task, whatever the default
     "fmlora-first-task": {"adaptation": "first_task"},  # adapt on the first task only (RanPAC's recipe)
     "fmlora-frozen": {"adaptation": "none"},  # never adapt: the solved head on the frozen backbone
+    # adapt on every task but keep earlier classes' statistics as taken (no drift compensation)
+    "fmlora-no-drift": {"adaptation": "continual", "drift_compensation": "none"},
 }
 
 

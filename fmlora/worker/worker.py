@@ -84,6 +84,9 @@ class Worker:
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
         self._eval_cache: dict[str, ImageSource] = {}
+        # The frozen backbone's features of each task's held-out images: they never change (the
+        # backbone is frozen), so the baseline computes them once per task, not once per version.
+        self._frozen_cache: dict[str, torch.Tensor] = {}
         # The class statistics of the task in hand (set by _train, read by the gate's baseline).
         self._classes: ClassState | None = None
 
@@ -266,6 +269,7 @@ class Worker:
             test=self._image_set(stored.eval, stored.classes, model),
         )
         self._eval_cache[task.name] = data.test
+        self._frozen_cache.pop(task.name, None)  # a name may come back with other images
         self._stage("training", task=task.name)
         report, state = self._train(model, data, state, task)
         self._check_running()
@@ -324,7 +328,7 @@ class Worker:
             if name in previous
         }
         overall = matrix.summary()["final_accuracy"]
-        baseline = self._baseline(model, sets)
+        baseline = self._baseline(model, names, sets)
         reasons = self.config.gate.check(row[-1], forgetting, overall, baseline)
         train = {k: report[k] for k in ("epochs", "steps", "final_loss", "seconds", "trainable_parameters")}
         train["rank"] = report["task"].get("rank")
@@ -347,7 +351,7 @@ class Worker:
             },
         }
 
-    def _baseline(self, model: FMLoRAModel, sets: list[ImageSource]) -> dict[str, float] | None:
+    def _baseline(self, model: FMLoRAModel, names: list[str], sets: list[ImageSource]) -> dict[str, float] | None:
         """The training-free baseline on the same held-out sets: cosine nearest class mean over the
         frozen backbone's features, from the class statistics the worker keeps."""
         classes = self._classes
@@ -357,8 +361,10 @@ class Worker:
         batch = self.config.train.eval_batch_size
         position = {c: i for i, c in enumerate(stats.labels)}
         correct = []
-        for data in sets:
-            scores = ncm_logits(collect_features(model, data, batch, model.backbone_features), stats.means)
+        for name, data in zip(names, sets, strict=True):
+            if name not in self._frozen_cache:
+                self._frozen_cache[name] = collect_features(model, data, batch, model.backbone_features)
+            scores = ncm_logits(self._frozen_cache[name], stats.means)
             target = torch.tensor([position.get(c, -1) for c in data.classes], dtype=torch.long)[data.labels]
             correct.append((scores.argmax(dim=1) == target).double())
         everything = torch.cat(correct)

@@ -113,3 +113,18 @@ def test_training_free_baselines_run_on_class_and_domain_streams(tmp_path):
         assert ncm["head_bytes"] == classes * 64 * 4 and ranpac["head_bytes"] == classes * 2000 * 4
         assert len(ranpac["relative_lambdas"]) == 2
         assert "| ncm |" in (tmp_path / benchmark / "summary.md").read_text()
+
+
+def test_bench_cli_takes_training_options_and_refuses_bad_ones(tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--benchmark", "synthetic", "--methods", "fmlora-continual", "--tasks", "2", "--epochs", "1"]
+    options = ["--train-option", "later_lr_scale=1.0", "--train-option", "drift_compensation=none"]
+    result = CliRunner().invoke(app, [*args, *options, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["train_config"]["later_lr_scale"] == 1.0 and row["train_config"]["drift_compensation"] == "none"
+    assert row["drift_compensated_per_task"] == [False, False] and row["feature_drift_per_task"][1] > 0
+    for bad in ("later_lr_scale=-1", "no_such_option=1", "later_lr_scale"):
+        result = CliRunner().invoke(app, [*args, "--train-option", bad, "--out", str(tmp_path / "bad")])
+        assert result.exit_code == 2, (bad, result.output)
+        assert "later_lr_scale" in result.output or "no_such_option" in result.output or "KEY=VALUE" in result.output

@@ -66,3 +66,30 @@ def test_a_ridge_head_needs_statistics():
     task = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=4, test_per_class=2)[0]
     with pytest.raises(DataError, match="class statistics"):
         Learner(_cfg()).learn_task(model, task)
+
+
+def test_adapted_tasks_report_their_drift_and_move_earlier_classes_statistics():
+    stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=6, test_per_class=2)
+    runs = {}
+    for compensation in ("affine", "none"):
+        model = _ridge_model()
+        stats = new_statistics(model)
+        learner = Learner(_cfg(drift_compensation=compensation, later_lr_scale=1.0))
+        first = learner.learn_task(model, stream[0], statistics=stats)
+        kept = stats.means[:2].clone()
+        second = learner.learn_task(model, stream[1], statistics=stats)
+        runs[compensation] = (first, second, kept, stats.means[:2].clone())
+    first, second, kept, moved = runs["affine"]
+    assert not first.drift_compensated  # nothing stored yet on the first task
+    assert second.drift_compensated and second.feature_drift is not None and second.feature_drift > 0
+    assert not torch.allclose(kept, moved)  # the first task's class means followed the drift
+    _, plain, kept, unmoved = runs["none"]
+    assert not plain.drift_compensated and torch.equal(kept, unmoved)
+
+
+def test_without_training_there_is_no_drift_to_compensate():
+    stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=6, test_per_class=2)
+    model = _ridge_model()
+    _, reports = Learner(_cfg(adaptation="none")).learn_stream(model, stream)
+    assert [r.drift_compensated for r in reports] == [False, False]
+    assert all(r.feature_drift is not None and r.feature_drift < 1e-9 for r in reports)

@@ -43,3 +43,20 @@ def test_worker_state_carries_both_statistics_and_refuses_another_head():
     )
     with pytest.raises(WorkerStateError, match="ridge statistics cannot be used"):
         unpack_state(other, model)
+
+
+def test_worker_state_keeps_the_second_moment_and_accepts_state_published_before_it():
+    torch.manual_seed(0)
+    model = FMLoRAModel(tiny_config())
+    task = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=5, test_per_class=2)[0]
+    classes = unpack_state(None, model)
+    Learner(TrainConfig(epochs=1, progress_bar=False)).learn_task(model, task, statistics=classes.ridge)
+    state = pack_state(classes)
+    back = unpack_state(state, model)
+    assert back.ridge is not None and classes.ridge is not None
+    assert torch.equal(back.ridge.moment, classes.ridge.moment) and back.ridge.moment.abs().sum() > 0
+    # Older state has no second moment: the class means' own moment stands in (no spread known).
+    older = WorkerState({k: v for k, v in state.tensors.items() if not k.endswith("moment")}, state.meta)
+    legacy = unpack_state(older, model).ridge
+    assert legacy is not None and float(legacy.within_class_covariance(shrinkage=0.0).abs().max()) < 1e-6
+    assert torch.equal(legacy.gram, classes.ridge.gram)
