@@ -245,6 +245,12 @@ class FMLoRAModel(nn.Module):
             self.prompt_bank.prompts.requires_grad_(prompts)
             self.prompt_bank.keys.requires_grad_(prompts)
 
+    def open_bases(self) -> None:
+        """Let the shared bases A, B train in the task in progress too (for a task far from what
+        they cover); ``abort_task`` still restores them."""
+        self.current_task()
+        self._set_trainable(bases=True, prompts=True)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

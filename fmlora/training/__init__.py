@@ -5,7 +5,16 @@ May import ``fmlora.model`` and ``fmlora.data``.
 """
 
 from .config import TrainConfig
-from .learner import Learner, TaskReport, TrainingProgress, collect_features, evaluate, new_statistics
+from .drift import AffineDrift, compensate_drift, fit_affine_drift
+from .learner import (
+    Learner,
+    TaskReport,
+    TrainingProgress,
+    collect_features,
+    evaluate,
+    new_statistics,
+    within_task_error,
+)
 from .metrics import AccuracyMatrix
 from .pretrain import BatchSampler, linear_probe, pretrain_backbone
 from .statistics import ClassStatistics, RidgeSolution, held_out_split, ncm_logits
@@ -15,6 +24,7 @@ __all__ = [
     "STRATEGIES",
     "TRAINING",
     "AccuracyMatrix",
+    "AffineDrift",
     "BatchSampler",
     "ClassStatistics",
     "Learner",
@@ -25,10 +35,13 @@ __all__ = [
     "apply_strategy",
     "apply_training_strategy",
     "collect_features",
+    "compensate_drift",
     "evaluate",
+    "fit_affine_drift",
     "held_out_split",
     "linear_probe",
     "ncm_logits",
     "new_statistics",
     "pretrain_backbone",
+    "within_task_error",
 ]

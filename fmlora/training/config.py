@@ -45,6 +45,11 @@ class TrainConfig(FrozenConfig):
     # After each adapted task, earlier classes' statistics are moved to the new features by an affine
     # map fitted on the task's own images (fmlora/training/drift.py); "none" keeps them as taken.
     drift_compensation: Literal["affine", "none"] = "affine"
+    # "auto": a later task whose own classes the current features separate badly (nearest-class-mean
+    # error on its training images >= novel_task_error) is novel; it trains at the full lr with the
+    # shared bases open (full plasticity, drift compensated). "fixed": every later task as the rest.
+    plasticity: Literal["auto", "fixed"] = "auto"
+    novel_task_error: float = Field(0.5, gt=0, le=1)
     drift_ridge: float = Field(0.1, ge=0)
     drift_samples: int = Field(32, ge=1)
     loader_workers: int = Field(0, ge=0)

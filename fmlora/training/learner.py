@@ -22,10 +22,18 @@ from fmlora.model.rank_selector import task_complexity, task_novelty
 from .config import TrainConfig
 from .drift import compensate_drift, fit_affine_drift
 from .metrics import AccuracyMatrix
-from .objectives import LinearObjective, Objective, PrototypeObjective
-from .statistics import ClassStatistics
+from .objectives import LinearObjective, Objective, PrototypeObjective, class_means
+from .statistics import ClassStatistics, ncm_logits
 
-__all__ = ["Learner", "TaskReport", "TrainingProgress", "collect_features", "evaluate", "new_statistics"]
+__all__ = [
+    "Learner",
+    "TaskReport",
+    "TrainingProgress",
+    "collect_features",
+    "evaluate",
+    "new_statistics",
+    "within_task_error",
+]
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,10 @@ class TaskReport(BaseModel):
     # earlier classes' statistics were moved with them; None where the head keeps no statistics.
     feature_drift: float | None = None
     drift_compensated: bool = False
+    # Nearest-class-mean error of the task's own classes under the model before it ("auto"
+    # plasticity), and whether that made the task novel (full plasticity); None where not measured.
+    pre_task_error: float | None = None
+    novel: bool | None = None
 
 
 ProgressCallback = Callable[[TrainingProgress], None]
@@ -114,6 +126,14 @@ def _features_and_queries(
         if out.query is not None:
             queries.append(out.query.float().cpu())
     return torch.cat(features), (torch.cat(queries) if queries else None)
+
+
+def within_task_error(features: torch.Tensor, labels: torch.Tensor, classes: int) -> float:
+    """Error of a cosine nearest class mean over the task's own classes, on its own images: how
+    badly the current features separate what the task has to learn."""
+    means = class_means(features, labels, classes)
+    predicted = ncm_logits(features, means).argmax(dim=1)
+    return float((predicted != labels).double().mean())
 
 
 def new_statistics(model: FMLoRAModel) -> ClassStatistics:
@@ -183,6 +203,7 @@ class Learner:
         objective: Objective
         head = {id(p) for p in model.head.parameters()}
         before = None
+        pre_task_error, novel = None, None
         if statistics is None:
             objective = LinearObjective(model, task.classes, cfg)
             params = model.trainable_parameters()
@@ -192,6 +213,12 @@ class Learner:
                 model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).features, cfg.loader_workers
             )
             objective = PrototypeObjective(task.classes, task.train.labels, before, statistics, cfg, device)
+            if adapt and not first and cfg.plasticity == "auto":
+                pre_task_error = within_task_error(before, task.train.labels, len(task.classes))
+                novel = pre_task_error >= cfg.novel_task_error
+                if novel:
+                    lr = cfg.lr
+                    model.open_bases()
             # The ridge head's rows are solved after training, never trained.
             params = [p for p in model.trainable_parameters() if id(p) not in head] if adapt else []
         extra = objective.parameters() if adapt else []
@@ -232,6 +259,8 @@ class Learner:
             prior_expected_rank=prior_rank,
             feature_drift=drift_size,
             drift_compensated=compensated,
+            pre_task_error=pre_task_error,
+            novel=novel,
         )
 
     def _optimise(

@@ -93,3 +93,45 @@ def test_without_training_there_is_no_drift_to_compensate():
     _, reports = Learner(_cfg(adaptation="none")).learn_stream(model, stream)
     assert [r.drift_compensated for r in reports] == [False, False]
     assert all(r.feature_drift is not None and r.feature_drift < 1e-9 for r in reports)
+
+
+def test_within_task_error_measures_how_badly_features_separate_a_task():
+    from fmlora.training import within_task_error
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 5
+    labels = torch.arange(3).repeat_interleave(10)
+    separated = centres[labels] + 0.1 * torch.randn(30, 16, generator=g)
+    assert within_task_error(separated, labels, 3) == 0.0
+    noise = torch.randn(30, 16, generator=g)
+    shuffled = labels[torch.randperm(30, generator=g)]
+    assert within_task_error(torch.ones(30, 16), labels, 3) >= 0.6  # identical features: no separation
+    assert within_task_error(noise, shuffled, 3) > within_task_error(separated, labels, 3)
+
+
+def test_a_novel_later_task_opens_the_bases_and_a_familiar_one_does_not():
+    from fmlora.data import ImageSet, TaskData
+
+    stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=8, test_per_class=2)
+    second = stream[1]
+    g = torch.Generator().manual_seed(1)
+    # Labels drawn at random: the current features cannot separate them, so the task is novel.
+    scrambled = ImageSet(second.train.images, torch.randint(0, 2, (16,), generator=g), second.train.classes)
+    hard = TaskData(second.name, second.kind, scrambled, second.test)
+    counts = {}
+    for name, task, threshold in (("familiar", second, 1.0), ("novel", hard, 0.05)):
+        model = _ridge_model()
+        stats = new_statistics(model)
+        learner = Learner(_cfg(novel_task_error=threshold))
+        learner.learn_task(model, stream[0], statistics=stats)
+        bases = [a.lora_A.detach().clone() for a in model._adapters()]
+        report = learner.learn_task(model, task, statistics=stats)
+        moved = any(not torch.equal(b, a.lora_A) for b, a in zip(bases, model._adapters(), strict=True))
+        counts[name] = (report, moved)
+    familiar, familiar_moved = counts["familiar"]
+    novel, novel_moved = counts["novel"]
+    assert familiar.novel is False and not familiar_moved and familiar.pre_task_error is not None
+    assert novel.novel is True and novel_moved and novel.pre_task_error >= 0.05
+    assert novel.trainable_parameters > familiar.trainable_parameters  # the bases trained too
+    fixed = Learner(_cfg(plasticity="fixed")).learn_stream(_ridge_model(), stream)[1]
+    assert [r.novel for r in fixed] == [None, None]
