@@ -209,17 +209,23 @@ def _with_options(config: ModelConfig, options: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"bad model option: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None
 
 
-def _snapshot_bytes(model: FMLoRAModel) -> int:
+def _snapshot_bytes(model: FMLoRAModel) -> tuple[int, int]:
+    """(the adapter's bytes, every file of the served snapshot together)."""
     with tempfile.TemporaryDirectory() as scratch:
-        return save_snapshot(model, Path(scratch) / "s").adapter_bytes
+        adapter = save_snapshot(model, Path(scratch) / "s").adapter_bytes
+        total = sum(f.stat().st_size for f in (Path(scratch) / "s").rglob("*") if f.is_file())
+        return adapter, total
 
 
 def _run_sequential(method: str, config: ModelConfig, tasks: list[TaskData], learner: Learner) -> dict[str, Any]:
     model = FMLoRAModel(apply_strategy(method, config))
     adapter_bytes: list[int] = []
+    snapshot_bytes: list[int] = []
 
     def measure(_t: int, _report: Any, _matrix: Any) -> None:
-        adapter_bytes.append(_snapshot_bytes(model))
+        adapter, total = _snapshot_bytes(model)
+        adapter_bytes.append(adapter)
+        snapshot_bytes.append(total)
 
     matrix, reports = learner.learn_stream(model, tasks, on_task_end=measure)
     return {
@@ -227,6 +233,7 @@ def _run_sequential(method: str, config: ModelConfig, tasks: list[TaskData], lea
         "prompt_modes": _prompt_modes(model, tasks, learner) if model.prompt_bank is not None else None,
         "trainable_params_per_task": [r.trainable_parameters for r in reports],
         "adapter_bytes_per_task": adapter_bytes,
+        "snapshot_bytes_per_task": snapshot_bytes,
         "ranks": [r.task.rank for r in reports],
         "task_complexity": [round(r.task.complexity, 4) for r in reports],
         # How far each task's training moved its own features (relative), and whether earlier
@@ -273,7 +280,8 @@ def _run_joint(config: ModelConfig, tasks: list[TaskData], learner: Learner, lin
         "average_incremental_accuracy": None,
         "forgetting": None,
         "trainable_params_per_task": [report.trainable_parameters],
-        "adapter_bytes_per_task": [_snapshot_bytes(model)],
+        "adapter_bytes_per_task": [_snapshot_bytes(model)[0]],
+        "snapshot_bytes_per_task": [_snapshot_bytes(model)[1]],
         "ranks": [report.task.rank],
         "task_complexity": [round(report.task.complexity, 4)],
     }

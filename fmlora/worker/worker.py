@@ -330,7 +330,8 @@ class Worker:
         overall = matrix.summary()["final_accuracy"]
         baseline = self._baseline(model, names, sets)
         reasons = self.config.gate.check(row[-1], forgetting, overall, baseline)
-        train = {k: report[k] for k in ("epochs", "steps", "final_loss", "seconds", "trainable_parameters")}
+        keys = ("epochs", "steps", "final_loss", "seconds", "trainable_parameters")
+        train = {k: report[k] for k in (*keys, "pre_task_error", "novel", "feature_drift", "drift_compensated")}
         train["rank"] = report["task"].get("rank")
         return {
             "task": names[-1],

@@ -45,6 +45,9 @@ def test_bench_cli_writes_results_summary_and_plots(tmp_path):
     assert all(required <= set(r) for r in rows)
     fm = rows[0]
     assert len(fm["accuracy_matrix"]) == 2 and len(set(fm["adapter_bytes_per_task"])) == 1
+    # The served snapshot grows with the classes (head rows), the adapter inside it does not.
+    snapshot = fm["snapshot_bytes_per_task"]
+    assert snapshot[1] > snapshot[0] > fm["adapter_bytes_per_task"][0]
     assert rows[2]["forgetting"] is None and len(rows[2]["accuracy_matrix"]) == 1
     modes = fm["prompt_modes"]
     assert set(modes) == {"auto", "none", "task"} and all(0 <= v <= 1 for v in modes.values())

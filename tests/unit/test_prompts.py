@@ -32,7 +32,8 @@ def test_mixed_modes_in_one_batch_equal_one_at_a_time(learned):
     with torch.no_grad():
         batched = learned(x, modes)
         single = torch.cat([learned(x[i : i + 1], modes[i]) for i in range(4)])
-    assert (batched - single).abs().max() < 1e-5
+    # Batching changes float summation order only: equal to float32 precision (logits reach ~20).
+    assert torch.allclose(batched, single, rtol=1e-5, atol=1e-5)
 
 
 def test_task_name_selects_that_tasks_mixture(learned):
