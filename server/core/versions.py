@@ -42,6 +42,7 @@ from fmlora.model.config import ModelConfig
 from fmlora.model.model import TaskRecord
 from fmlora.model.snapshot import Snapshot, SnapshotManifest, read_snapshot
 from server.core.errors import VersionUnavailableError
+from server.core.stages import timed
 
 __all__ = [
     "CacheStats",
@@ -276,10 +277,12 @@ class VersionCache:
         started = time.perf_counter()
         path = Path(f"v{version}")  # named in messages until the store has said where it is
         try:
-            path = Path(self.registry.fetch_version(version))
+            with timed("fetch"):
+                path = Path(self.registry.fetch_version(version))
             if not path.is_dir():
                 raise FileNotFoundError(f"snapshot directory {path} does not exist")
-            snapshot = read_snapshot(path)
+            with timed("read"):
+                snapshot = read_snapshot(path)
             manifest = snapshot.manifest
             if manifest.tensors_sha256 != sha256:
                 raise SnapshotIntegrityError(
@@ -288,8 +291,10 @@ class VersionCache:
                 )
             if manifest.version is not None and manifest.version != version:
                 raise SnapshotFormatError(f"snapshot {path} says it is version {manifest.version}, not {version}")
-            self.backend.check(snapshot)
-            tensors = self.backend.stage(snapshot)
+            with timed("check"):
+                self.backend.check(snapshot)
+            with timed("stage"):
+                tensors = self.backend.stage(snapshot)
             entry = VersionEntry(
                 version=version,
                 sha256=sha256,
@@ -300,7 +305,8 @@ class VersionCache:
                 tasks=tuple(manifest.tasks),
                 path=path,
             )
-            entry = replace(entry, prepared=self.backend.prepare(entry))
+            with timed("prepare"):
+                entry = replace(entry, prepared=self.backend.prepare(entry))
         except BaseException as exc:
             # A dependency that is down says nothing about the snapshot: try again at the next look.
             if not isinstance(exc, (RegistryUnavailableError, StoreUnavailableError)):

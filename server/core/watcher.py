@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from server.core.stages import measuring, timed
+
 __all__ = ["NotifySource", "PollingSource", "VersionSource"]
 
 log = logging.getLogger("fmlora.server.core.watcher")
@@ -90,10 +92,12 @@ class VersionSource:
 
     def check(self) -> int | None:
         """Read the live version once and swap if it changed; returns the live version seen."""
-        with self._lock:
+        # One clock for the read and the swap it may start: the engine reports the stages of both.
+        with self._lock, measuring():
             self.polls_total += 1
             try:
-                live = self._read_live()
+                with timed("registry"):
+                    live = self._read_live()
             except Exception as exc:
                 self.poll_errors_total += 1
                 now = time.monotonic()
