@@ -27,9 +27,8 @@ def test_an_inner_measuring_joins_the_open_clock_and_timed_outside_is_free():
     with measuring() as outer:
         with timed("registry"):
             pass
-        with measuring() as inner:
-            with timed("fetch"):
-                pass
+        with measuring() as inner, timed("fetch"):
+            pass
     assert inner is outer and set(outer.seconds) == {"registry", "fetch"}
     with measuring() as fresh:
         pass
