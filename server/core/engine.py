@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -50,7 +50,7 @@ from server.core.request import Item, check_prompt, check_version_number, parse_
 from server.core.results import ImageResult, Prediction, answer_batch
 from server.core.stages import measuring, timed
 from server.core.versions import KnownBadVersionError, RegistryView, VersionCache, VersionEntry
-from server.core.watcher import NotifySource, PollingSource, VersionSource
+from server.core.watcher import Live, NotifySource, PollingSource, VersionSource, version_of
 
 __all__ = ["Engine", "EngineConfig", "SourceFactory", "resolve_device", "resolve_dtype"]
 
@@ -58,7 +58,7 @@ log = logging.getLogger("fmlora.server.core.engine")
 
 T = TypeVar("T")
 # (read the live version, the serving version, swap to a version) -> the source that follows the registry
-SourceFactory = Callable[[Callable[[], int | None], Callable[[], int | None], Callable[[int], None]], VersionSource]
+SourceFactory = Callable[[Callable[[], Live | None], Callable[[], int | None], Callable[[Any], object]], VersionSource]
 
 
 class Engine:
@@ -147,7 +147,7 @@ class Engine:
         self._load_initial()
         if cfg.follow_registry:
             make_source = self._source_factory or self._polling_source
-            self._source = make_source(self.registry.live_version, lambda: self.serving_version, self._swap_to)
+            self._source = make_source(self.registry.live, lambda: self.serving_version, self._swap_to)
             if cfg.watch:
                 self._source.start()
         self._ready = True
@@ -162,7 +162,7 @@ class Engine:
         )
 
     def _polling_source(
-        self, read_live: Callable[[], int | None], current: Callable[[], int | None], apply: Callable[[int], None]
+        self, read_live: Callable[[], Live | None], current: Callable[[], int | None], apply: Callable[[Any], object]
     ) -> VersionSource:
         listen = getattr(self.registry, "listen", None)
         notifies = bool(getattr(getattr(self.registry, "db", None), "supports_notify", False))
@@ -328,18 +328,19 @@ class Engine:
         emit(self._swap_callbacks, ok, seconds, version)
 
     # -- swapping ------------------------------------------------------------------------------
-    def _swap_to(self, version: int) -> bool:
-        """Load, verify and prepare ``version`` (or take it from the cache) in this thread, then make
-        it the serving one: the inference thread only ever sees a prepared entry."""
+    def _swap_to(self, target: Live) -> bool:
+        """Load, verify and prepare ``target`` (a version, or its registry row as the version source
+        read it) or take it from the cache, in this thread, then make it the serving one: the
+        inference thread only ever sees a prepared entry."""
         assert self._cache is not None
+        version = version_of(target)
+        assert version is not None
         with self._swap_lock, measuring() as clock:
             if self.serving_version == version:
                 return True
             started = time.perf_counter()
             try:
-                with timed("registry"):
-                    sha256 = self.registry.get_version(version).sha256
-                entry = self._cache.load(version, sha256)
+                entry = self._cache.load(version, info=None if isinstance(target, int) else target)
             except KnownBadVersionError:
                 return False  # refused and counted when it first failed
             except Exception as exc:
