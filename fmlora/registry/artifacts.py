@@ -69,8 +69,8 @@ def fetch_version(registry: Registry, version: int, info: VersionInfo | None = N
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".v{version}.", suffix=".tmp", dir=target.parent))
     try:
-        for name, sha in objects.items():
-            registry.store.get_file(f"snapshots/v{version}/{name}", staging / name, sha)
+        prefix = f"snapshots/v{version}"
+        registry.store.get_files({f"{prefix}/{name}": (staging / name, sha) for name, sha in objects.items()})
         if target.exists():  # a stale or damaged copy: move it aside, then take its place
             doomed = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.deleting")
             try:
