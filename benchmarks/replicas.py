@@ -44,6 +44,14 @@ __all__ = ["main", "run"]
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
+def _rate(answers: list[tuple[int, float, int, int | None]]) -> float | None:
+    """Answers per second while the load ran (the load level, which a shorter run does not change)."""
+    if len(answers) < 2:
+        return None
+    times = [a[1] for a in answers]
+    return round((len(answers) - 1) / (max(times) - min(times)), 1)
+
+
 def _regressions(answers: list[tuple[int, float, int, int | None]], timeline: list[tuple[float, int]]) -> int:
     """Answers whose version sits earlier in the live sequence than one the same replica already served."""
     timeline = sorted(timeline)
@@ -160,7 +168,7 @@ def run(
             "convergence_swapped": {**summarize(swapped), "unknown": len(events) - len(swapped)},
             "commit_heard_before_return_ms": summarize([e["heard_before_return_s"] for e in events])["p50_ms"],
             "swap_stages": stages,
-            "requests": {"total": len(answers), "failed": failed},
+            "requests": {"total": len(answers), "failed": failed, "per_s": _rate(answers)},
             "regressions": _regressions(answers, timeline),
             "throughput": {
                 "postgresql_images_per_s": round(pg_load.images_per_s, 2),
