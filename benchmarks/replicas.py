@@ -5,26 +5,32 @@ S3 endpoint (moto's server on 127.0.0.1), a load generator spread over them, pub
     python -m benchmarks.replicas --publishes 100 --rollbacks 20
 
 Measures, per publish or rollback, the time from the registry commit to every replica serving it
-(each replica's GET /readyz ``serving_version``; p50/p99 over events); failed requests during the run;
+(p50/p99 over events): ``convergence`` until the last replica's GET /readyz says the version (each
+replica polled every 5 ms on a connection of its own), and ``convergence_swapped`` until the last
+replica's own record of its swap (``fmlora_serving_since_timestamp_seconds``), which leaves out how
+late a poll notices. The commit's time is when this process heard the NOTIFY that the commit sent,
+or when the publisher's call returned, whichever came first. Also: failed requests during the run;
 "regressions": a response from a version that the same replica had already replaced (every answer's
-version is placed in the sequence of live versions by commit time; the place must never go back on
-one replica); and the throughput of one replica on PostgreSQL against one on SQLite serving the same
-snapshot (ratio in one run: the registry is not on the predict path). Writes JSON.
+version is placed in the sequence of live versions by the time its publish or rollback *started*,
+the earliest it could be served, so a replica that swaps before the publisher's call returns is not
+mistaken for one going back; the place must never go back on one replica); the mean time per swap
+stage over the replicas (their /metrics); and the throughput of one replica on PostgreSQL against one
+on SQLite serving the same snapshot (ratio in one run: the registry is not on the predict path).
+
+moto's S3 server and the load clients run in processes of their own (``benchmarks.convergence``
+says why). Writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import random
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from benchmarks.convergence import CommitClock, LoadProcess, MotoProcess, Pollers, serving_since, stage_means
 from benchmarks.loadgen import encode_image, http_load, predict_body, random_images
 from benchmarks.models import model_config
 from benchmarks.processes import ServerProcess
@@ -38,57 +44,12 @@ __all__ = ["main", "run"]
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
-class _Load:
-    """One client thread per replica, POSTing back to back; keeps (replica, time, status, version)."""
-
-    def __init__(self, urls: list[str], body: bytes) -> None:
-        self.urls, self.body = urls, body
-        self.answers: list[tuple[int, float, int, int | None]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(len(urls))]
-
-    def _client(self, index: int) -> None:
-        with httpx.Client(timeout=30.0) as client:
-            while not self._stop.is_set():
-                try:
-                    r = client.post(
-                        self.urls[index] + "/predict", content=self.body, headers={"content-type": "application/json"}
-                    )
-                    version = r.json().get("model_version") if r.status_code == 200 else None
-                    self.answers.append((index, time.monotonic(), r.status_code, version))
-                except httpx.HTTPError:
-                    self.answers.append((index, time.monotonic(), 0, None))
-
-    def __enter__(self) -> _Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(60)
-
-
-def _serving(url: str) -> int | None:
-    try:
-        return httpx.get(url + "/readyz", timeout=5.0).json().get("serving_version")
-    except (httpx.HTTPError, ValueError):
+def _rate(answers: list[tuple[int, float, int, int | None]]) -> float | None:
+    """Answers per second while the load ran (the load level, which a shorter run does not change)."""
+    if len(answers) < 2:
         return None
-
-
-def _converge(urls: list[str], version: int, committed: float, timeout_s: float) -> float | None:
-    """Seconds from ``committed`` until every replica serves ``version`` (None: not within the timeout)."""
-    pending = set(range(len(urls)))
-    last = committed
-    while pending and time.monotonic() - committed < timeout_s:
-        for i in list(pending):
-            if _serving(urls[i]) == version:
-                pending.discard(i)
-                last = time.monotonic()
-        if pending:
-            time.sleep(0.005)
-    return None if pending else last - committed
+    times = [a[1] for a in answers]
+    return round((len(answers) - 1) / (max(times) - min(times)), 1)
 
 
 def _regressions(answers: list[tuple[int, float, int, int | None]], timeline: list[tuple[float, int]]) -> int:
@@ -117,13 +78,14 @@ def run(
     work: Path | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    from tests.integration.registry.services import PostgresCluster, moto_s3
+    from tests.integration.registry.services import PostgresCluster
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every S3 request otherwise
     work = work or Path(tempfile.mkdtemp(prefix="fmlora-replicas-"))
     cluster = PostgresCluster()
-    s3 = moto_s3()
+    s3 = MotoProcess()
     servers: list[ServerProcess] = []
+    pollers: Pollers | None = None
+    commits: CommitClock | None = None
     try:
         database = cluster.create_database()
         pg_url, store_url = cluster.url(database), f"s3://{s3.create_bucket()}/fmlora"
@@ -160,23 +122,26 @@ def run(
         rng.shuffle(kinds)
         timeline = [(publisher.history[0].committed_at, publisher.history[0].version)]
         events: list[dict[str, Any]] = []
-        with _Load(urls, body) as load:
+        pollers, commits = Pollers(urls), CommitClock(registry)
+        with LoadProcess(urls, body) as load:
             time.sleep(0.5)
             for kind in kinds:
                 live = timeline[-1][1]
                 earlier = [v for v in publisher.good_versions if v != live]
+                started = time.monotonic()
                 if kind == "rollback" and earlier:
                     done = publisher.rollback(rng.choice(earlier[-5:]))
                 else:
                     kind = "publish"
                     done = publisher.publish(new_task=rng.random() < 0.2)
-                timeline.append((done.committed_at, done.version))
-                seconds = _converge(urls, done.version, done.committed_at, timeout_s=30.0)
-                events.append({"kind": kind, "version": done.version, "converged_s": seconds})
+                timeline.append((started, done.version))
+                events.append(_event(kind, done, started, urls, pollers, commits))
             time.sleep(0.5)
         answers = load.answers
         converged = [e["converged_s"] for e in events if e["converged_s"] is not None]
+        swapped = [e["swapped_s"] for e in events if e["swapped_s"] is not None]
         failed = sum(1 for a in answers if a[2] != 200)
+        stages = stage_means(urls)
 
         # Throughput: replica 0 (PostgreSQL + S3) against a replica on SQLite serving the same snapshot.
         local = Registry.open(work / "sqlite-home", config)
@@ -193,13 +158,17 @@ def run(
                 "replicas": replicas,
                 "backbone": backbone,
                 "registry": "postgresql (throwaway cluster, 127.0.0.1)",
-                "store": "s3 (moto ThreadedMotoServer, 127.0.0.1)",
+                "store": "s3 (moto's server in a process of its own, 127.0.0.1)",
+                "load": "one client per replica, back to back, in a process of its own",
                 "poll_interval_s": poll_interval_s,
                 "publishes": sum(1 for e in events if e["kind"] == "publish"),
                 "rollbacks": sum(1 for e in events if e["kind"] == "rollback"),
             },
             "convergence": {**summarize(converged), "not_converged": len(events) - len(converged)},
-            "requests": {"total": len(answers), "failed": failed},
+            "convergence_swapped": {**summarize(swapped), "unknown": len(events) - len(swapped)},
+            "commit_heard_before_return_ms": summarize([e["heard_before_return_s"] for e in events])["p50_ms"],
+            "swap_stages": stages,
+            "requests": {"total": len(answers), "failed": failed, "per_s": _rate(answers)},
             "regressions": _regressions(answers, timeline),
             "throughput": {
                 "postgresql_images_per_s": round(pg_load.images_per_s, 2),
@@ -213,7 +182,40 @@ def run(
     finally:
         for server in servers:
             server.stop()
+        if pollers is not None:
+            pollers.close()
+        if commits is not None:
+            commits.stop()
+        s3.stop()
         cluster.stop()
+
+
+def _event(
+    kind: str,
+    done: Any,
+    started: float,
+    urls: list[str],
+    pollers: Pollers,
+    commits: CommitClock,
+) -> dict[str, Any]:
+    """One publish or rollback: when it committed, when each replica was seen serving it and when each
+    swapped to it (seconds after the commit)."""
+    seen = pollers.first_seen(done.version, timeout_s=30.0)
+    heard = commits.heard(done.version, started)
+    committed = done.committed_at if heard is None else min(heard, done.committed_at)
+    swaps = [serving_since(url, done.version) for url in urls]
+    wall_offset = time.time() - time.monotonic()  # now, not at the start: the wall clock may be slewed
+    polled = None if None in seen else max(s for s in seen if s is not None) - committed
+    stamped = None if None in swaps else max(s for s in swaps if s is not None) - wall_offset - committed
+    return {
+        "kind": kind,
+        "version": done.version,
+        "converged_s": polled,
+        "swapped_s": stamped,
+        "seen_s": [None if s is None else round(s - committed, 4) for s in seen],
+        "swapped_at_s": [None if s is None else round(s - wall_offset - committed, 4) for s in swaps],
+        "heard_before_return_s": done.committed_at - committed,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     conv, req = result["convergence"], result["requests"]
     print(
         f"convergence p50 {conv['p50_ms']} ms, p99 {conv['p99_ms']} ms ({conv['not_converged']} not converged); "
+        f"swapped p50 {result['convergence_swapped']['p50_ms']} ms, p99 {result['convergence_swapped']['p99_ms']} ms; "
         f"requests {req['total']}, failed {req['failed']}; regressions {result['regressions']}; "
         f"throughput PostgreSQL/SQLite {result['throughput']['ratio_postgresql_over_sqlite']} -> {path}"
     )

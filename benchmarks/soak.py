@@ -100,8 +100,8 @@ def _leaky_cache_class() -> type:
             super().__init__(*args, **kwargs)
             self.leaked: list[dict[str, Any]] = []
 
-        def _load_now(self, version: int, sha256: str) -> Any:
-            entry = super()._load_now(version, sha256)
+        def _load_now(self, version: int, sha256: str, info: Any) -> Any:
+            entry = super()._load_now(version, sha256, info)
             self.leaked.append(dict(entry.tensors))
             return entry
 

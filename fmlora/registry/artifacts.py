@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from fmlora.errors import ObjectIntegrityError, ObjectNotFoundError, WorkerStateError, WorkerStateIntegrityError
 
 from .queue import task_archive_key
-from .records import WORKER_STATE_OBJECT
+from .records import WORKER_STATE_OBJECT, VersionInfo
 from .store import FileStore
 from .store.base import sha256_of
 from .worker_state import WorkerState, parse_worker_state
@@ -47,14 +47,16 @@ def _verified(directory: Path, objects: dict[str, str]) -> bool:
         return False
 
 
-def fetch_version(registry: Registry, version: int) -> Path:
+def fetch_version(registry: Registry, version: int, info: VersionInfo | None = None) -> Path:
     """A local directory holding version ``version``'s objects, every one matching its recorded sha256.
 
     In a ``file://`` store that is the stored directory itself; otherwise HOME/cache/versions/v<N>/,
     filled from the store when absent or not matching. Raises ``ObjectIntegrityError`` when the
-    stored bytes do not match the registry (the version must not be served).
+    stored bytes do not match the registry (the version must not be served). ``info``: the version's
+    row if the caller has it (a row's sha256 and objects never change once recorded), else read here.
     """
-    info = registry.get_version(version)
+    if info is None or info.version != version:
+        info = registry.get_version(version)
     # Versions recorded before objects were hashed carry only the tensor hash (checked by read_snapshot).
     objects = {k: v for k, v in info.objects.items() if k != WORKER_STATE_OBJECT}
     target = registry.snapshot_dir(version)
@@ -67,8 +69,8 @@ def fetch_version(registry: Registry, version: int) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".v{version}.", suffix=".tmp", dir=target.parent))
     try:
-        for name, sha in objects.items():
-            registry.store.get_file(f"snapshots/v{version}/{name}", staging / name, sha)
+        prefix = f"snapshots/v{version}"
+        registry.store.get_files({f"{prefix}/{name}": (staging / name, sha) for name, sha in objects.items()})
         if target.exists():  # a stale or damaged copy: move it aside, then take its place
             doomed = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.deleting")
             try:

@@ -163,11 +163,14 @@ class Registry(TaskQueue):
             return self._live(tx)
 
     def live(self) -> VersionInfo | None:
+        # One statement: a replica reads this on every notification, and each round trip to a busy
+        # database server costs a scheduling wait on a loaded host.
         with self.db.read() as tx:
-            live = self._live(tx)
-            if live is None:
-                return None
-            return version_from_row(tx.row("SELECT * FROM versions WHERE version = ?", (live,)))  # type: ignore[arg-type]
+            row = tx.row(
+                "SELECT * FROM versions WHERE version = "
+                "(SELECT CAST(NULLIF(value, '') AS BIGINT) FROM meta WHERE key = 'live_version')"
+            )
+        return None if row is None else version_from_row(row)
 
     @staticmethod
     def _check_number(version: int) -> None:
@@ -348,11 +351,12 @@ class Registry(TaskQueue):
         return doomed
 
     # -- objects ---------------------------------------------------------------------------------
-    def fetch_version(self, version: int) -> Path:
-        """A local directory with version ``version``'s objects, each verified against its recorded sha256."""
+    def fetch_version(self, version: int, info: VersionInfo | None = None) -> Path:
+        """A local directory with version ``version``'s objects, each verified against its recorded sha256
+        (``info``: the version's row, when the caller has just read it)."""
         from .artifacts import fetch_version
 
-        return fetch_version(self, version)
+        return fetch_version(self, version, info)
 
     def read_worker_state(self, version: int) -> WorkerState | None:
         """The worker state published with ``version``, verified by its sha256; None if it has none."""

@@ -165,6 +165,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = state.engine = state.engine or build_engine(settings, state.registry)
     engine.on_batch(state.metrics.on_batch)
     engine.on_swap(state.metrics.on_swap)
+    engine.on_swap_stages(state.metrics.on_swap_stages)
 
     async def start() -> None:
         try:

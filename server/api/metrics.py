@@ -9,7 +9,7 @@ so counters such as swaps include everything the engine did, even before the app
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypedDict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -28,6 +28,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SWAP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A stage of a swap on a small adapter takes from well under a millisecond (the flip) to tens of ms.
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class ScrapeState(TypedDict):
@@ -82,6 +84,13 @@ class _StateCollector(Collector):
         ):
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], -1.0 if value is None else float(value))
+            yield gauge
+        since = stats.get("serving_since") if stats is not None else None
+        if since is not None:
+            gauge = GaugeMetricFamily(
+                "fmlora_serving_since_timestamp_seconds", "When this replica swapped to the version it serves."
+            )
+            gauge.add_metric([], float(since))
             yield gauge
         adapter = GaugeMetricFamily("fmlora_adapter_bytes", "Adapter tensor bytes of the served version.")
         adapter.add_metric([], float(s["adapter_bytes"]))
@@ -145,6 +154,13 @@ class ServerMetrics:
             buckets=SWAP_BUCKETS,
             registry=r,
         )
+        self.swap_stage_seconds = Histogram(
+            "fmlora_swap_stage_duration_seconds",
+            "Time per stage of a swap, from reading the registry to the flip (server.core.stages).",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         self.tasks_submitted = Counter(
             "fmlora_tasks_submitted", "Task uploads accepted (replays of an idempotency key excluded).", registry=r
         )
@@ -170,6 +186,10 @@ class ServerMetrics:
 
     def on_swap(self, ok: bool, seconds: float, version: int | None = None) -> None:
         self.swap_seconds.labels("ok" if ok else "failed").observe(seconds)
+
+    def on_swap_stages(self, stages: Mapping[str, float]) -> None:
+        for stage, seconds in stages.items():
+            self.swap_stage_seconds.labels(stage).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

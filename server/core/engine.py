@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from fmlora.errors import FmloraError
 from fmlora.model.model import FMLoRAModel
 from server.core.backends import Backend, make_backend
 from server.core.batcher import BatchStats, MicroBatcher
+from server.core.calls import blocking, emit
 from server.core.config import EngineConfig, resolve_device, resolve_dtype
 from server.core.errors import (
     InferenceError,
@@ -44,36 +45,20 @@ from server.core.errors import (
     VersionUnavailableError,
 )
 from server.core.images import Resizer
-from server.core.protocol import BatchCallback, EngineInfo, EngineStats, PromptInput, SwapCallback
+from server.core.protocol import BatchCallback, EngineInfo, EngineStats, PromptInput, StagesCallback, SwapCallback
 from server.core.request import Item, check_prompt, check_version_number, parse_request, within
 from server.core.results import ImageResult, Prediction, answer_batch
+from server.core.stages import measuring, timed
 from server.core.versions import KnownBadVersionError, RegistryView, VersionCache, VersionEntry
-from server.core.watcher import NotifySource, PollingSource, VersionSource
+from server.core.watcher import Live, NotifySource, PollingSource, VersionSource, version_of
 
 __all__ = ["Engine", "EngineConfig", "SourceFactory", "resolve_device", "resolve_dtype"]
 
 log = logging.getLogger("fmlora.server.core.engine")
 
 T = TypeVar("T")
-P = ParamSpec("P")
 # (read the live version, the serving version, swap to a version) -> the source that follows the registry
-SourceFactory = Callable[[Callable[[], int | None], Callable[[], int | None], Callable[[int], None]], VersionSource]
-
-
-def _blocking(
-    method: Callable[Concatenate[Engine, P], Coroutine[object, object, T]],
-) -> Callable[Concatenate[Engine, P], T]:
-    """``method`` (a coroutine method of the engine) for callers without an event loop."""
-
-    def blocking(engine: Engine, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return engine._run_blocking(method(engine, *args, **kwargs))
-
-    blocking.__name__ = f"{method.__name__}_sync"
-    blocking.__doc__ = (
-        f"``{method.__name__}`` for callers without an event loop (scripts, benchmarks, tests): the same "
-        "coroutine, run on an event loop thread of the engine's own."
-    )
-    return blocking
+SourceFactory = Callable[[Callable[[], Live | None], Callable[[], int | None], Callable[[Any], object]], VersionSource]
 
 
 class Engine:
@@ -108,6 +93,7 @@ class Engine:
         self._inflight_cond = threading.Condition()
         self._batch_callbacks: list[BatchCallback] = []
         self._swap_callbacks: list[SwapCallback] = []
+        self._stage_callbacks: list[StagesCallback] = []
         self.swaps_total = 0
         self.swaps_failed = 0
         self.last_swap_seconds: float | None = None
@@ -161,7 +147,7 @@ class Engine:
         self._load_initial()
         if cfg.follow_registry:
             make_source = self._source_factory or self._polling_source
-            self._source = make_source(self.registry.live_version, lambda: self.serving_version, self._swap_to)
+            self._source = make_source(self.registry.live, lambda: self.serving_version, self._swap_to)
             if cfg.watch:
                 self._source.start()
         self._ready = True
@@ -176,7 +162,7 @@ class Engine:
         )
 
     def _polling_source(
-        self, read_live: Callable[[], int | None], current: Callable[[], int | None], apply: Callable[[int], None]
+        self, read_live: Callable[[], Live | None], current: Callable[[], int | None], apply: Callable[[Any], object]
     ) -> VersionSource:
         listen = getattr(self.registry, "listen", None)
         notifies = bool(getattr(getattr(self.registry, "db", None), "supports_notify", False))
@@ -314,6 +300,7 @@ class Engine:
             registry_unreachable_s=None
             if source is None or source.unreachable_since is None
             else round(time.monotonic() - source.unreachable_since, 3),
+            serving_since=self.last_swap_at if self._live is not None else None,
             registry_feed="off"
             if source is None
             else "notify"
@@ -330,31 +317,30 @@ class Engine:
         """``callback(ok, seconds, version)`` after every swap attempt that loaded something."""
         self._swap_callbacks.append(callback)
 
+    def on_swap_stages(self, callback: StagesCallback) -> None:
+        """``callback({stage: seconds})`` after every swap (``server.core.stages``: where it went)."""
+        self._stage_callbacks.append(callback)
+
     def _emit_batch(self, size: int, seconds: float) -> None:
-        for cb in list(self._batch_callbacks):
-            try:
-                cb(size, seconds)
-            except Exception:
-                log.exception("on_batch callback failed")
+        emit(self._batch_callbacks, size, seconds)
 
     def _emit_swap(self, ok: bool, seconds: float, version: int | None) -> None:
-        for cb in list(self._swap_callbacks):
-            try:
-                cb(ok, seconds, version)
-            except Exception:
-                log.exception("on_swap callback failed")
+        emit(self._swap_callbacks, ok, seconds, version)
 
     # -- swapping ------------------------------------------------------------------------------
-    def _swap_to(self, version: int) -> bool:
-        """Load, verify and prepare ``version`` (or take it from the cache) in this thread, then make
-        it the serving one: the inference thread only ever sees a prepared entry."""
+    def _swap_to(self, target: Live) -> bool:
+        """Load, verify and prepare ``target`` (a version, or its registry row as the version source
+        read it) or take it from the cache, in this thread, then make it the serving one: the
+        inference thread only ever sees a prepared entry."""
         assert self._cache is not None
-        with self._swap_lock:
+        version = version_of(target)
+        assert version is not None
+        with self._swap_lock, measuring() as clock:
             if self.serving_version == version:
                 return True
             started = time.perf_counter()
             try:
-                entry = self._cache.load(version, self.registry.get_version(version).sha256)
+                entry = self._cache.load(version, info=None if isinstance(target, int) else target)
             except KnownBadVersionError:
                 return False  # refused and counted when it first failed
             except Exception as exc:
@@ -366,14 +352,17 @@ class Engine:
                     log.exception("swap to version %d failed, still serving %s", version, self.serving_version)
                 self._emit_swap(False, seconds, version)
                 return False
-            self._live = entry  # the swap: the next request reads this reference
-            self._cache.protect(version)
+            with timed("swap"):
+                self._live = entry  # the swap: the next request reads this reference
+                self.last_swap_at = time.time()
+                self._cache.protect(version)
             seconds = time.perf_counter() - started
             self.swaps_total += 1
             self.last_swap_seconds = seconds
-            self.last_swap_at = time.time()
-            log.info("now serving version %d (loaded and prepared in %.3f s)", version, seconds)
+            stages = dict(clock.seconds)
+            log.info("now serving version %d (loaded and prepared in %.3f s: %s)", version, seconds, clock.describe())
         self._emit_swap(True, seconds, version)
+        emit(self._stage_callbacks, stages)
         return True
 
     def reload(self) -> int | None:
@@ -459,7 +448,7 @@ class Engine:
             raise self._not_ready()
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop_for_sync_callers()).result()
 
-    predict_sync = _blocking(predict)
+    predict_sync = blocking(predict)
 
     def _loop_for_sync_callers(self) -> asyncio.AbstractEventLoop:
         with self._lock:

@@ -23,12 +23,14 @@ __all__ = [
     "PromptInput",
     "ServedVersion",
     "ServingEngine",
+    "StagesCallback",
     "SwapCallback",
 ]
 
 PromptInput = PromptChoice | str | Mapping[str, str]  # 'auto', 'none', {'task': NAME}
 BatchCallback = Callable[[int, float], None]  # (images in the batch, seconds)
 SwapCallback = Callable[[bool, float, int | None], None]  # (swapped, seconds, version)
+StagesCallback = Callable[[Mapping[str, float]], None]  # {stage: seconds} of one swap (server.core.stages)
 
 
 class EngineInfo(TypedDict):
@@ -78,6 +80,7 @@ class EngineStats(TypedDict):
     registry_reachable: NotRequired[bool]
     registry_unreachable_s: NotRequired[float | None]  # for how long, in seconds
     registry_feed: NotRequired[Literal["notify", "polling", "off"]]  # how the replica learns of new versions
+    serving_since: NotRequired[float | None]  # time.time() of the swap to the serving version
 
 
 class ServedVersion(Protocol):
@@ -134,3 +137,5 @@ class ServingEngine(Protocol):
     def on_batch(self, callback: BatchCallback) -> None: ...
 
     def on_swap(self, callback: SwapCallback) -> None: ...
+
+    def on_swap_stages(self, callback: StagesCallback) -> None: ...

@@ -42,6 +42,7 @@ from fmlora.model.config import ModelConfig
 from fmlora.model.model import TaskRecord
 from fmlora.model.snapshot import Snapshot, SnapshotManifest, read_snapshot
 from server.core.errors import VersionUnavailableError
+from server.core.stages import timed
 
 __all__ = [
     "CacheStats",
@@ -76,13 +77,18 @@ class RegistryView(Protocol):
 
     def live_version(self) -> int | None: ...
 
+    def live(self) -> _RecordedVersion | None:
+        """The live version's row (one read: what the version source looks at)."""
+        ...
+
     def get_version(self, version: int) -> _RecordedVersion: ...
 
     def list_versions(self) -> Sequence[_RecordedVersion]: ...
 
-    def fetch_version(self, version: int) -> Path:
+    def fetch_version(self, version: int, info: _RecordedVersion | None = None) -> Path:
         """A local directory with the version's objects, verified against the registry (fetched from
-        the artifact store into this host's cache when the store is remote)."""
+        the artifact store into this host's cache when the store is remote). ``info``: the version's
+        row when the caller has just read it, so it is not read again."""
         ...
 
 
@@ -231,15 +237,21 @@ class VersionCache:
             self._protected = version
 
     # -- loading -------------------------------------------------------------------------------
-    def load(self, version: int, sha256: str | None = None) -> VersionEntry:
+    def load(self, version: int, sha256: str | None = None, *, info: _RecordedVersion | None = None) -> VersionEntry:
         """The verified entry for ``version`` (from the cache, or loaded, verified and warmed now).
 
-        ``sha256``: the tensor hash the registry recorded for the version (looked up when None).
-        Raises the registry's ``VersionNotFoundError``, ``KnownBadVersionError`` for a version that
-        failed before, or ``VersionUnavailableError`` when loading fails now.
+        ``sha256``: the tensor hash the registry recorded for the version; ``info``: its registry row
+        (either is looked up when not given). Raises the registry's ``VersionNotFoundError``,
+        ``KnownBadVersionError`` for a version that failed before, or ``VersionUnavailableError``
+        when loading fails now.
         """
+        if info is not None and info.version != version:
+            raise ValueError(f"the registry row given for version {version} is version {info.version}'s")
         if sha256 is None:
-            sha256 = self.registry.get_version(version).sha256
+            if info is None:
+                with timed("registry"):
+                    info = self.registry.get_version(version)
+            sha256 = info.sha256
         with self._lock:
             entry = self._entries.get(version)
             if entry is not None and entry.sha256 == sha256:
@@ -261,7 +273,7 @@ class VersionCache:
         if not owner:
             return pending.result()
         try:
-            entry = self._load_now(version, sha256)
+            entry = self._load_now(version, sha256, info)
         except BaseException as exc:
             with self._lock:
                 self._inflight.pop(version, None)
@@ -272,14 +284,17 @@ class VersionCache:
         pending.set_result(entry)
         return entry
 
-    def _load_now(self, version: int, sha256: str) -> VersionEntry:
+    def _load_now(self, version: int, sha256: str, info: _RecordedVersion | None) -> VersionEntry:
         started = time.perf_counter()
         path = Path(f"v{version}")  # named in messages until the store has said where it is
         try:
-            path = Path(self.registry.fetch_version(version))
+            row = info if info is not None and info.sha256 == sha256 else None  # else the store reads it
+            with timed("fetch"):
+                path = Path(self.registry.fetch_version(version, row))
             if not path.is_dir():
                 raise FileNotFoundError(f"snapshot directory {path} does not exist")
-            snapshot = read_snapshot(path)
+            with timed("read"):
+                snapshot = read_snapshot(path)
             manifest = snapshot.manifest
             if manifest.tensors_sha256 != sha256:
                 raise SnapshotIntegrityError(
@@ -288,8 +303,10 @@ class VersionCache:
                 )
             if manifest.version is not None and manifest.version != version:
                 raise SnapshotFormatError(f"snapshot {path} says it is version {manifest.version}, not {version}")
-            self.backend.check(snapshot)
-            tensors = self.backend.stage(snapshot)
+            with timed("check"):
+                self.backend.check(snapshot)
+            with timed("stage"):
+                tensors = self.backend.stage(snapshot)
             entry = VersionEntry(
                 version=version,
                 sha256=sha256,
@@ -300,7 +317,8 @@ class VersionCache:
                 tasks=tuple(manifest.tasks),
                 path=path,
             )
-            entry = replace(entry, prepared=self.backend.prepare(entry))
+            with timed("prepare"):
+                entry = replace(entry, prepared=self.backend.prepare(entry))
         except BaseException as exc:
             # A dependency that is down says nothing about the snapshot: try again at the next look.
             if not isinstance(exc, (RegistryUnavailableError, StoreUnavailableError)):

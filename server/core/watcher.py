@@ -1,7 +1,9 @@
 """Version sources: what tells the engine that another version went live.
 
 A ``VersionSource`` reads the registry's live pointer (``read_live``) and, when it differs from what
-is serving (``current``), hands it to ``apply`` (the engine's load-verify-prepare-swap). ``check()``
+is serving (``current``), hands it to ``apply`` (the engine's load-verify-prepare-swap). ``read_live``
+returns the live version's number or its registry row (anything with a ``version``); ``apply`` gets
+what it returned, so the engine's swap does not read the row a second time. ``check()``
 does that once, now (an admin reload calls it); ``start()`` runs a thread that calls ``check()``
 whenever the source's ``_watch`` loop says to. ``PollingSource`` checks every ``poll_interval_s``;
 another source (e.g. one woken by database notifications) subclasses ``VersionSource`` and
@@ -22,19 +24,33 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["NotifySource", "PollingSource", "VersionSource"]
+from server.core.stages import measuring, timed
+
+__all__ = ["Live", "NotifySource", "PollingSource", "VersionSource"]
 
 log = logging.getLogger("fmlora.server.core.watcher")
+
+
+class _Row(Protocol):
+    @property
+    def version(self) -> int: ...
+
+
+Live = int | _Row  # what read_live returns when a version is live, and apply receives
+
+
+def version_of(live: Live | None) -> int | None:
+    return live if live is None or isinstance(live, int) else live.version
 
 
 class VersionSource:
     def __init__(
         self,
-        read_live: Callable[[], int | None],
+        read_live: Callable[[], Live | None],
         current: Callable[[], int | None],
-        apply: Callable[[int], None],
+        apply: Callable[[Any], object],
         *,
         name: str = "fmlora-watcher",
     ) -> None:
@@ -90,10 +106,12 @@ class VersionSource:
 
     def check(self) -> int | None:
         """Read the live version once and swap if it changed; returns the live version seen."""
-        with self._lock:
+        # One clock for the read and the swap it may start: the engine reports the stages of both.
+        with self._lock, measuring():
             self.polls_total += 1
             try:
-                live = self._read_live()
+                with timed("registry"):
+                    live = self._read_live()
             except Exception as exc:
                 self.poll_errors_total += 1
                 now = time.monotonic()
@@ -107,10 +125,10 @@ class VersionSource:
             if self.registry_error is not None:
                 log.info("the registry answers again (%s before)", self.registry_error)
             self.registry_error = self.unreachable_since = None
-            self.last_seen = live
-            if live is not None and live != self._current():
+            version = self.last_seen = version_of(live)
+            if version is not None and version != self._current():
                 self._apply(live)
-            return live
+            return version
 
 
 class PollingSource(VersionSource):
@@ -118,9 +136,9 @@ class PollingSource(VersionSource):
 
     def __init__(
         self,
-        read_live: Callable[[], int | None],
+        read_live: Callable[[], Live | None],
         current: Callable[[], int | None],
-        apply: Callable[[int], None],
+        apply: Callable[[Any], object],
         poll_interval_s: float = 0.5,
         *,
         name: str = "fmlora-watcher",
@@ -144,9 +162,9 @@ class NotifySource(VersionSource):
 
     def __init__(
         self,
-        read_live: Callable[[], int | None],
+        read_live: Callable[[], Live | None],
         current: Callable[[], int | None],
-        apply: Callable[[int], None],
+        apply: Callable[[Any], object],
         listen: Callable[[float], Iterable[dict[str, Any] | None]],
         poll_interval_s: float = 0.5,
         *,

@@ -13,7 +13,7 @@ import hashlib
 import os
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -102,6 +102,18 @@ class ArtifactStore(ABC):
     @abstractmethod
     def get_file(self, key: str, dest: Path, sha256: str | None = None) -> None:
         """Stream ``key`` into ``dest`` (beside, then renamed), refusing it unless its sha256 matches."""
+
+    def get_files(self, files: Mapping[str, tuple[Path, str | None]]) -> None:
+        """``get_file`` for each ``{key: (dest, sha256)}``; every one is attempted, then the first
+        failure (in key order) is raised. A store whose reads wait on a network overlaps them."""
+        errors = []
+        for key, (dest, sha256) in files.items():
+            try:
+                self.get_file(key, dest, sha256)
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     @abstractmethod
     def read_bytes(self, key: str, sha256: str | None = None) -> bytes:

@@ -8,7 +8,10 @@ AWS_SECRET_ACCESS_KEY, profiles, instance roles). Uploads stream from a file (mu
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,8 @@ class S3Store(ArtifactStore):
             aws_access_key_id=o.access_key_id, aws_secret_access_key=o.secret_access_key, region_name=o.region
         )
         self.client = session.client("s3", endpoint_url=o.endpoint_url, config=config)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first get_files
+        self._pool_lock = threading.Lock()
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -142,6 +147,34 @@ class S3Store(ArtifactStore):
             finally:
                 body.close()
             verify(digest.hexdigest(), sha256, f"{self.url}/{key}")
+
+    def get_files(self, files: Mapping[str, tuple[Path, str | None]]) -> None:
+        # A version is a few small objects: each GET is a round trip, so they are sent together (the
+        # client is thread-safe) and a version arrives in the time of its slowest object.
+        items = list(files.items())
+        if len(items) < 2:
+            super().get_files(files)
+            return
+        pool = self._fetch_pool()
+        futures = [pool.submit(self.get_file, key, dest, sha256) for key, (dest, sha256) in items[1:]]
+        errors = []
+        key, (dest, sha256) = items[0]
+        try:
+            self.get_file(key, dest, sha256)
+        except Exception as exc:
+            errors.append(exc)
+        for future in futures:
+            exc = future.exception()
+            if exc is not None:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _fetch_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="fmlora-s3")
+            return self._pool
 
     def read_bytes(self, key: str, sha256: str | None = None) -> bytes:
         response = self._call(f"reading {key}", self.client.get_object, Bucket=self.bucket, Key=self._key(key))

@@ -17,6 +17,7 @@ from typing_extensions import NotRequired
 
 from fmlora.model.prompts import PromptChoice
 from fmlora.model.snapshot import Snapshot
+from server.core.stages import timed
 from server.core.versions import PreparedVersion, SnapshotWarmupError, VersionEntry
 
 __all__ = ["Backend", "BackendInfo", "probe_images", "run_probe"]
@@ -81,7 +82,8 @@ def run_probe(
     if entry.tasks:
         choices.append(PromptChoice("task", entry.tasks[0].name))
     try:
-        logits = forward(probe_images(len(choices), size), choices)
+        with timed("probe"):
+            logits = forward(probe_images(len(choices), size), choices)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:

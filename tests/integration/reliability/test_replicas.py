@@ -13,6 +13,11 @@ def test_replicas_converge_without_failed_requests_or_regressions(tmp_path):
     result = run(publishes=3, rollbacks=1, replicas=2, throughput_s=1.0, work=tmp_path)
     assert result["setup"]["publishes"] + result["setup"]["rollbacks"] == 4
     assert result["convergence"]["not_converged"] == 0 and result["convergence"]["max_ms"] < 10_000
+    # The replicas' own swap times: none unknown, none after the poll that saw the version.
+    assert result["convergence_swapped"]["unknown"] == 0
+    for event in result["events"]:
+        assert event["swapped_s"] <= event["converged_s"] + 0.001
+    assert {"registry", "fetch", "probe", "swap"} <= set(result["swap_stages"])
     assert result["requests"]["total"] > 0 and result["requests"]["failed"] == 0
     assert result["regressions"] == 0
     throughput = result["throughput"]

@@ -27,7 +27,7 @@ from fmlora.registry.registry import Registry
 from server.api.app import create_app
 from server.api.settings import Settings
 from server.core.errors import NoModelError, NotReadyError
-from server.core.protocol import BatchCallback, EngineInfo, EngineStats, PromptInput, SwapCallback
+from server.core.protocol import BatchCallback, EngineInfo, EngineStats, PromptInput, StagesCallback, SwapCallback
 from server.core.results import ImageResult, LabelScore, Prediction, PromptUsed
 from tests.conftest import tiny_config
 from tests.helpers import learn_quickly
@@ -105,6 +105,9 @@ class FakeEngine:
 
     def on_swap(self, callback: SwapCallback) -> None:
         self.swap_hooks.append(callback)
+
+    def on_swap_stages(self, callback: StagesCallback) -> None:
+        pass
 
     def describe(self) -> EngineInfo:
         return EngineInfo(

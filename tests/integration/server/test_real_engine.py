@@ -81,6 +81,10 @@ def test_real_engine_serves_the_live_version_and_swaps_on_activation(tmp_path):
         swaps = metric(metrics, "fmlora_swaps_total")
         assert 2 <= swaps <= 4 and metric(metrics, 'fmlora_swap_duration_seconds_count{outcome="ok"}') == swaps
         assert metric(metrics, "fmlora_swaps_failed_total") == 0
+        # Every swap reports its stages; a swap that loaded a version fetched and probed it.
+        assert metric(metrics, 'fmlora_swap_stage_duration_seconds_count{stage="swap"}') == swaps
+        assert 2 <= metric(metrics, 'fmlora_swap_stage_duration_seconds_count{stage="probe"}') <= swaps
+        assert metric(metrics, "fmlora_serving_since_timestamp_seconds") > 0
         engine = app.state.fmlora.engine
     assert not engine.ready  # stopped by the lifespan
 

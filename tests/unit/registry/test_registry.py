@@ -89,6 +89,7 @@ def test_publish_activate_and_state_transitions(registry: Registry, tiny_model: 
     v3 = publish(registry, tiny_model, "three", accepted=False)
     assert (v1, v2, v3) == (1, 2, 3)
     assert registry.live_version() == 2
+    assert registry.live() == registry.get_version(2)  # the live row, read in one statement
     assert [v.state for v in registry.list_versions()] == ["retired", "live", "rejected"]
     assert set(registry.get_version(1).objects) == {"adapter_model.safetensors", "adapter_config.json"}
     assert registry.get_version(1).objects["adapter_model.safetensors"] == registry.get_version(1).sha256

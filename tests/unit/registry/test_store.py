@@ -68,6 +68,30 @@ def test_put_get_list_delete_with_sha256(store: ArtifactStore, tmp_path: Path) -
         store.read_bytes("tasks/a.tar")
 
 
+def test_get_files_fetches_every_object_and_refuses_a_changed_one(store: ArtifactStore, tmp_path: Path) -> None:
+    """Several objects at once (overlapped on S3): all arrive verified; one whose sha256 differs is
+    refused and never lands, while the others still arrive, and a missing one is an error too."""
+    blobs = {f"snapshots/v9/{name}": os.urandom(1000 + i) for i, name in enumerate(("a.bin", "b.bin", "c.bin"))}
+    hashes = {}
+    for key, data in blobs.items():
+        source = tmp_path / "src" / key
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_bytes(data)
+        hashes[key] = store.put_file(key, source)
+    out = tmp_path / "out"
+    store.get_files({key: (out / key.rsplit("/", 1)[1], hashes[key]) for key in blobs})
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {k.rsplit("/", 1)[1]: v for k, v in blobs.items()}
+
+    bad = tmp_path / "bad"
+    wanted = {key: (bad / key.rsplit("/", 1)[1], hashes[key]) for key in blobs}
+    wanted["snapshots/v9/b.bin"] = (bad / "b.bin", "0" * 64)
+    with pytest.raises(ObjectIntegrityError):
+        store.get_files(wanted)
+    assert sorted(p.name for p in bad.iterdir()) == ["a.bin", "c.bin"]
+    with pytest.raises(ObjectNotFoundError):
+        store.get_files({"snapshots/v9/a.bin": (tmp_path / "x", None), "snapshots/v9/gone": (tmp_path / "y", None)})
+
+
 def test_keys_cannot_escape(store: ArtifactStore, tmp_path: Path) -> None:
     from fmlora.errors import StoreError
 

@@ -444,6 +444,41 @@ def test_an_engine_told_not_to_follow_the_registry_keeps_its_version(publisher, 
     assert engine.stats()["registry_polls_total"] == 0
 
 
+def test_every_swap_reports_its_stages(publisher, make_engine):
+    """Loading a version reports every stage from the registry read to the flip; swapping back to a
+    version still in the cache reports a flip only (its row read, then the reference)."""
+    v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
+    engine = make_engine(watch=False)
+    reported: list[dict[str, float]] = []
+    engine.on_swap_stages(lambda stages: reported.append(dict(stages)))
+    v2 = publisher.learn_and_publish("vehicles", ["car"])
+    before = time.time()
+    assert engine.reload() == v2
+    loaded = reported[-1]
+    assert set(loaded) == {"registry", "fetch", "read", "check", "stage", "prepare", "probe", "swap"}
+    assert all(seconds >= 0 for seconds in loaded.values())
+    assert before <= engine.stats()["serving_since"] <= time.time()
+    publisher.registry.activate(v1)
+    assert engine.reload() == v1
+    assert set(reported[-1]) == {"registry", "swap"}
+
+
+def test_a_swap_reads_the_version_row_once(publisher, make_engine, monkeypatch):
+    """The source reads the live row and the swap passes it on: neither the engine, the cache nor the
+    fetch reads the version again (each read is a round trip to the database)."""
+    publisher.learn_and_publish("animals", ["cat", "dog"])
+    registry = publisher.registry
+    reads: list[str] = []
+    for name in ("live", "get_version"):
+        method = getattr(registry, name)
+        monkeypatch.setattr(registry, name, lambda *a, _m=method, _n=name: reads.append(_n) or _m(*a))
+    engine = make_engine(watch=False)
+    v2 = publisher.learn_and_publish("vehicles", ["car"])
+    reads.clear()
+    assert engine._source.check() == v2 and engine.serving_version == v2
+    assert reads == ["live"]
+
+
 def test_a_version_source_of_its_own_tells_the_engine(publisher, make_engine):
     """The seam for sources other than polling (e.g. database notifications): ``_watch`` alone."""
     v1 = publisher.learn_and_publish("animals", ["cat", "dog"])
