@@ -272,6 +272,7 @@ def _run_joint(config: ModelConfig, tasks: list[TaskData], learner: Learner, lin
     report = learner.learn_task(model, joint, statistics=statistics)
     row = [evaluate(model, t.test, batch_size=learner.config.eval_batch_size) for t in tasks]
     sizes = [len(t.test) for t in tasks]
+    adapter_bytes, snapshot_bytes = _snapshot_bytes(model)  # one save gives both
     final = sum(a * n for a, n in zip(row, sizes, strict=True)) / sum(sizes)
     return {
         "accuracy_matrix": [row],
@@ -280,8 +281,8 @@ def _run_joint(config: ModelConfig, tasks: list[TaskData], learner: Learner, lin
         "average_incremental_accuracy": None,
         "forgetting": None,
         "trainable_params_per_task": [report.trainable_parameters],
-        "adapter_bytes_per_task": [_snapshot_bytes(model)[0]],
-        "snapshot_bytes_per_task": [_snapshot_bytes(model)[1]],
+        "adapter_bytes_per_task": [adapter_bytes],
+        "snapshot_bytes_per_task": [snapshot_bytes],
         "ranks": [report.task.rank],
         "task_complexity": [round(report.task.complexity, 4)],
     }
