@@ -108,11 +108,12 @@ class VersionSource:
         """Read the live version once and swap if it changed; returns the live version seen."""
         # One clock for the read and the swap it may start: the engine reports the stages of both.
         with self._lock, measuring():
-            self.polls_total += 1
             try:
                 with timed("registry"):
                     live = self._read_live()
             except Exception as exc:
+                # Counted once the read has ended, so a reader of the stats never sees a poll without its result.
+                self.polls_total += 1
                 self.poll_errors_total += 1
                 now = time.monotonic()
                 self.registry_error = type(exc).__name__
@@ -126,6 +127,7 @@ class VersionSource:
                 log.info("the registry answers again (%s before)", self.registry_error)
             self.registry_error = self.unreachable_since = None
             version = self.last_seen = version_of(live)
+            self.polls_total += 1
             if version is not None and version != self._current():
                 self._apply(live)
             return version
