@@ -64,6 +64,8 @@ class TaskReport(BaseModel):
     # plasticity), and whether that made the task novel (full plasticity); None where not measured.
     pre_task_error: float | None = None
     novel: bool | None = None
+    # The ridge head's λ (relative to the mean diagonal of its Gram matrix); None with a linear head.
+    relative_lambda: float | None = None
 
 
 ProgressCallback = Callable[[TrainingProgress], None]
@@ -244,7 +246,9 @@ class Learner:
             if trained and cfg.drift_compensation == "affine" and statistics.labels:
                 compensate_drift(statistics, drift, samples_per_class=cfg.drift_samples, seed=salt)
                 compensated = True
-            solution = statistics.add_task(after, task.train.labels, task.classes, seed=salt)
+            solution = statistics.add_task(
+                after, task.train.labels, task.classes, seed=salt, selection=cfg.lambda_selection
+            )
         record = model.end_task(features.mean(0), task_key)
         if solution is not None and statistics is not None:
             order = [statistics.labels.index(label) for label in model.head.labels]
@@ -261,6 +265,7 @@ class Learner:
             drift_compensated=compensated,
             pre_task_error=pre_task_error,
             novel=novel,
+            relative_lambda=None if solution is None else solution.relative_lambda,
         )
 
     def _optimise(

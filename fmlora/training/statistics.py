@@ -10,14 +10,20 @@ classes' columns. ``P`` is regenerated from a seed, never stored.
 
 The ridge weights are ``W = (G + λI)⁻¹ Q``. λ is chosen on held-out *training* data: the statistics
 of the task's training images minus a held-out fifth are solved for each candidate λ and scored on
-that fifth (over every class seen so far), then the whole task is added. Sums are kept in float64,
-so accumulation over many tasks does not lose precision.
+that fifth (over every class seen so far), then the whole task is added. ``selection="task"`` takes
+the best candidate of this task alone (RanPAC's recipe); ``"cumulative"`` adds each task's held-out
+hits per candidate to a running tally kept with the statistics and takes the best of the tally (ties:
+the larger λ). One task's fifth is a few dozen images, all of them of the newest classes, so a
+per-task choice swings over decades from task to task (1e-6 to 100 on the glyph stream); the tally
+settles as evidence accumulates. Sums are kept in float64, so accumulation over many tasks does not
+lose precision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -25,6 +31,8 @@ from fmlora.errors import DataError
 from fmlora.model.head import RandomFeatures
 
 __all__ = [
+    "CUMULATIVE_LAMBDAS",
+    "RELATIVE_LAMBDAS",
     "ClassStatistics",
     "RidgeSolution",
     "held_out_split",
@@ -34,6 +42,9 @@ __all__ = [
 # Candidate ridge strengths, relative to the mean diagonal of G (so they mean the same for any
 # feature scale or image count).
 RELATIVE_LAMBDAS: tuple[float, ...] = tuple(10.0**k for k in range(-6, 3))
+# The same range in half decades: a tally over many tasks can tell finer steps apart.
+CUMULATIVE_LAMBDAS: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-12, 5))
+LambdaSelection = Literal["task", "cumulative"]
 
 
 def held_out_split(labels: torch.Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +94,8 @@ class ClassStatistics:
         self.moment = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.gram = torch.zeros(dim, dim, dtype=torch.float64)
         self.cross = torch.zeros(dim, 0, dtype=torch.float64)
+        # Held-out hits per candidate of CUMULATIVE_LAMBDAS, summed over tasks (empty until used).
+        self.lambda_evidence = torch.zeros(0, dtype=torch.float64)
 
     @property
     def dim(self) -> int:
@@ -160,11 +173,14 @@ class ClassStatistics:
         classes: Sequence[str],
         *,
         seed: int = 0,
-        candidates: Sequence[float] = RELATIVE_LAMBDAS,
+        candidates: Sequence[float] | None = None,
+        selection: LambdaSelection = "task",
     ) -> RidgeSolution:
         """Add one task's training features and solve, with λ chosen on a held-out fifth of them."""
+        if candidates is None:
+            candidates = CUMULATIVE_LAMBDAS if selection == "cumulative" else RELATIVE_LAMBDAS
         keep, held = held_out_split(labels, seed=seed)
-        best: tuple[float, float] | None = None
+        hits: list[float] = []
         if len(held) > 0 and len(candidates) > 1:
             trial = self.copy()
             trial.add(features[keep], labels[keep], classes)
@@ -176,12 +192,21 @@ class ClassStatistics:
             scale = float(trial.gram.diagonal().mean()) or 1.0
             for lam in candidates:
                 scores = h_held @ (projected / (values.clamp_min(0) + lam * scale).unsqueeze(1))
-                accuracy = float((scores.argmax(dim=1) == target).double().mean())
-                if best is None or accuracy > best[1]:
-                    best = (lam, accuracy)
+                hits.append(float((scores.argmax(dim=1) == target).double().sum()))
         self.add(features, labels, classes)
-        lam = best[0] if best is not None else candidates[len(candidates) // 2]
-        return RidgeSolution(self.solve(lam), lam, best[1] if best is not None else None)
+        if not hits:
+            lam, accuracy = candidates[len(candidates) // 2], None
+        elif selection == "cumulative":
+            if len(self.lambda_evidence) != len(candidates):  # first use, or another grid: start afresh
+                self.lambda_evidence = torch.zeros(len(candidates), dtype=torch.float64)
+            self.lambda_evidence += torch.tensor(hits, dtype=torch.float64)
+            tally = self.lambda_evidence.tolist()
+            best = max(range(len(candidates)), key=lambda i: (tally[i], i))
+            lam, accuracy = candidates[best], hits[best] / len(held)
+        else:
+            best = max(range(len(candidates)), key=lambda i: (hits[i], -i))
+            lam, accuracy = candidates[best], hits[best] / len(held)
+        return RidgeSolution(self.solve(lam), lam, accuracy)
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         """Tensors and a JSON-able meta dict that restore these statistics exactly (worker state)."""
@@ -192,6 +217,8 @@ class ClassStatistics:
             "gram": self.gram,
             "cross": self.cross,
         }
+        if len(self.lambda_evidence):
+            tensors["lambda_evidence"] = self.lambda_evidence
         meta: dict[str, object] = {"labels": list(self.labels), "in_features": self.in_features, "dim": self.dim}
         if self.random_features is not None:
             rf = self.random_features
@@ -226,8 +253,12 @@ class ClassStatistics:
             raise DataError(f"the stored class statistics have shapes {shapes}")
         if not all(bool(torch.isfinite(x).all()) for x in (counts, sums, moment, gram, cross)):
             raise DataError("the stored class statistics are not finite")
+        evidence = tensors.get("lambda_evidence", torch.zeros(0)).double()
+        if evidence.ndim != 1 or not bool(torch.isfinite(evidence).all()) or bool((evidence < 0).any()):
+            raise DataError("the stored λ evidence is not a finite, non-negative vector")
         stats.labels = [str(label) for label in labels]
         stats.counts, stats.sums, stats.moment, stats.gram, stats.cross = counts, sums, moment, gram, cross
+        stats.lambda_evidence = evidence
         return stats
 
     def replace_with(self, other: ClassStatistics) -> None:
@@ -235,10 +266,12 @@ class ClassStatistics:
         self.labels = list(other.labels)
         self.counts, self.sums, self.moment = other.counts, other.sums, other.moment
         self.gram, self.cross = other.gram, other.cross
+        self.lambda_evidence = other.lambda_evidence
 
     def copy(self) -> ClassStatistics:
         other = ClassStatistics(self.in_features, self.random_features, keep_gram=self.dim > 0)
         other.labels = list(self.labels)
         other.counts, other.sums, other.moment = self.counts.clone(), self.sums.clone(), self.moment.clone()
         other.gram, other.cross = self.gram.clone(), self.cross.clone()
+        other.lambda_evidence = self.lambda_evidence.clone()
         return other

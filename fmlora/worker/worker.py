@@ -331,7 +331,10 @@ class Worker:
         baseline = self._baseline(model, names, sets)
         reasons = self.config.gate.check(row[-1], forgetting, overall, baseline)
         keys = ("epochs", "steps", "final_loss", "seconds", "trainable_parameters")
-        train = {k: report[k] for k in (*keys, "pre_task_error", "novel", "feature_drift", "drift_compensated")}
+        train = {
+            k: report[k]
+            for k in (*keys, "pre_task_error", "novel", "feature_drift", "drift_compensated", "relative_lambda")
+        }
         train["rank"] = report["task"].get("rank")
         return {
             "task": names[-1],

@@ -110,3 +110,41 @@ def test_degenerate_tasks_keep_the_solution_finite():
     assert bool(torch.isfinite(lone.weight).all()) and lone.weight.shape == (12, 2)
     zeros = stats.add_task(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), ["dark"])  # G gains nothing
     assert bool(torch.isfinite(zeros.weight).all()) and stats.labels == ["flat", "single", "dark"]
+
+
+def test_cumulative_lambda_tallies_held_out_hits_over_tasks_and_survives_a_round_trip():
+    from fmlora.training.statistics import CUMULATIVE_LAMBDAS
+
+    rf = RandomFeatures(8, 64, seed=2)
+    stats = ClassStatistics(8, rf)
+    x, y = _blobs(6, 20, seed=3)
+    first = stats.add_task(x[y < 3], y[y < 3], ["a", "b", "c"], seed=0, selection="cumulative")
+    tally = stats.lambda_evidence.clone()
+    # One entry per candidate; each is a count of held-out hits (4 of 20 per class held out).
+    assert len(tally) == len(CUMULATIVE_LAMBDAS) and float(tally.max()) <= 12 and float(tally.max()) > 0
+    assert first.relative_lambda in CUMULATIVE_LAMBDAS
+    second = stats.add_task(x[y >= 3], y[y >= 3] - 3, ["d", "e", "f"], seed=1, selection="cumulative")
+    assert bool((stats.lambda_evidence >= tally).all()) and float(stats.lambda_evidence.sum()) > float(tally.sum())
+    # The chosen λ is the best of the running tally, the larger one on a tie.
+    evidence = stats.lambda_evidence.tolist()
+    best = max(range(len(evidence)), key=lambda i: (evidence[i], i))
+    assert second.relative_lambda == CUMULATIVE_LAMBDAS[best]
+    tensors, meta = stats.to_tensors()
+    restored = ClassStatistics.from_tensors(tensors, meta, rf)
+    assert torch.equal(restored.lambda_evidence, stats.lambda_evidence)
+    assert torch.equal(stats.copy().lambda_evidence, stats.lambda_evidence)
+    tensors["lambda_evidence"] = torch.tensor([1.0, float("nan")])
+    with pytest.raises(DataError, match="evidence"):
+        ClassStatistics.from_tensors(tensors, meta, rf)
+    del tensors["lambda_evidence"]  # state saved before the tally existed starts a new one
+    assert len(ClassStatistics.from_tensors(tensors, meta, rf).lambda_evidence) == 0
+
+
+def test_per_task_lambda_keeps_no_tally_and_takes_the_smallest_of_equals():
+    rf = RandomFeatures(8, 64, seed=2)
+    stats = ClassStatistics(8, rf)
+    x, y = _blobs(3, 20, seed=4)
+    solution = stats.add_task(x, y, ["a", "b", "c"], seed=0, selection="task", candidates=(1e-3, 1e-2, 1e-1))
+    # Well-separated blobs: every candidate gets every held-out image right, so the first wins.
+    assert solution.held_out_accuracy == 1.0 and solution.relative_lambda == 1e-3
+    assert len(stats.lambda_evidence) == 0
