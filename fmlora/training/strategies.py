@@ -59,7 +59,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "fmlora-first-task": _ridge_head,
     "fmlora-frozen": _ridge_head,
     "fmlora-no-drift": _ridge_head,
-    "fmlora-task-lambda": _ridge_head,
+    "fmlora-lambda-tally": _ridge_head,
     "fmlora-linear": _linear_head,
 }
 
@@ -70,8 +70,8 @@ TRAINING: dict[str, dict[str, Any]] = {
     "fmlora-frozen": {"adaptation": "none"},  # never adapt: the solved head on the frozen backbone
     # adapt on every task but keep earlier classes' statistics as taken (no drift compensation)
     "fmlora-no-drift": {"adaptation": "continual", "drift_compensation": "none"},
-    # λ of the ridge head decided on each task's held-out fifth alone (RanPAC's recipe), not the tally
-    "fmlora-task-lambda": {"adaptation": "continual", "lambda_selection": "task"},
+    # λ of the ridge head from held-out hits tallied over tasks instead of each task's fifth alone
+    "fmlora-lambda-tally": {"adaptation": "continual", "lambda_selection": "cumulative"},
 }
 
 

@@ -20,7 +20,7 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def test_the_head_is_solved_over_every_class_from_the_statistics():
-    from fmlora.training.statistics import CUMULATIVE_LAMBDAS
+    from fmlora.training.statistics import RELATIVE_LAMBDAS
 
     model = _ridge_model()
     stream = make_synthetic_stream(num_tasks=2, classes_per_task=3, train_per_class=6, test_per_class=3)
@@ -31,7 +31,7 @@ def test_the_head_is_solved_over_every_class_from_the_statistics():
     assert model.head.labels == stats.labels == [*stream[0].classes, *stream[1].classes]
     assert model.head.weight.shape == (6, 64) and model.head.trainable_weight.numel() == 0
     # The rows are exactly a ridge solution of the statistics for one of the candidate lambdas.
-    assert any(torch.allclose(model.head.weight, stats.solve(lam).T, atol=1e-5) for lam in CUMULATIVE_LAMBDAS)
+    assert any(torch.allclose(model.head.weight, stats.solve(lam).T, atol=1e-5) for lam in RELATIVE_LAMBDAS)
     assert stats.counts.tolist() == [6.0] * 6 and stats.cross.shape == (64, 6)
 
 
