@@ -162,3 +162,24 @@ def test_watcher_polls_applies_changes_and_survives_registry_errors():
     finally:
         watcher.stop()
     assert not watcher.running and watcher.poll_errors_total == 1 and watcher.polls_total > 5
+
+
+def test_a_poll_is_counted_only_once_its_read_has_ended():
+    # Stats readers wait for polls_total to move and then read last_seen: the two must never disagree.
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_poll() -> int:
+        reading.set()
+        release.wait(5)
+        return 7
+
+    watcher = PollingSource(slow_poll, lambda: 7, lambda live: None, poll_interval_s=60)
+    checker = threading.Thread(target=watcher.check)
+    checker.start()
+    try:
+        assert reading.wait(5)
+        assert watcher.polls_total == 0 and watcher.last_seen is None  # the read is still under way
+    finally:
+        release.set()
+        checker.join(5)
+    assert watcher.polls_total == 1 and watcher.last_seen == 7
