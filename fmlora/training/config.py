@@ -8,7 +8,9 @@ from pydantic import Field
 
 from fmlora.model.config import FrozenConfig
 
-__all__ = ["TrainConfig"]
+__all__ = ["LambdaSelection", "TrainConfig"]
+
+LambdaSelection = Literal["task", "cumulative"]
 
 
 class TrainConfig(FrozenConfig):
@@ -51,11 +53,11 @@ class TrainConfig(FrozenConfig):
     plasticity: Literal["auto", "fixed"] = "auto"
     novel_task_error: float = Field(0.5, gt=0, le=1)
     drift_ridge: float = Field(0.1, ge=0)
+    drift_samples: int = Field(32, ge=1)
     # How the ridge head's λ is chosen on held-out training images (fmlora/training/statistics.py):
     # "task" decides on this task's held-out fifth alone (RanPAC's recipe); "cumulative" tallies every
     # task's held-out hits per candidate (steadier, but measured no better with adaptation: README).
-    lambda_selection: Literal["task", "cumulative"] = "task"
-    drift_samples: int = Field(32, ge=1)
+    lambda_selection: LambdaSelection = "task"
     loader_workers: int = Field(0, ge=0)
     prefetch_batches: int = Field(4, ge=1)
     augment: bool = False

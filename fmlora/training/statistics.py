@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from fmlora.errors import DataError
 from fmlora.model.head import RandomFeatures
+
+from .config import LambdaSelection
 
 __all__ = [
     "CUMULATIVE_LAMBDAS",
@@ -44,7 +45,6 @@ __all__ = [
 RELATIVE_LAMBDAS: tuple[float, ...] = tuple(10.0**k for k in range(-6, 3))
 # The same range in half decades: a tally over many tasks can tell finer steps apart.
 CUMULATIVE_LAMBDAS: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-12, 5))
-LambdaSelection = Literal["task", "cumulative"]
 
 
 def held_out_split(labels: torch.Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
