@@ -36,8 +36,18 @@ class RandomFeatures(nn.Module):
 
 
 class IncrementalHead(nn.Module):
-    def __init__(self, in_features: int, init_std: float = 0.02, feature_map: RandomFeatures | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        init_std: float = 0.02,
+        feature_map: RandomFeatures | None = None,
+        *,
+        solved_row_dtype: str = "float32",
+    ):
         super().__init__()
+        if solved_row_dtype not in ("float32", "float16"):
+            raise TaskError(f"solved rows are kept in float32 or float16, not {solved_row_dtype}")
+        self.solved_row_dtype = solved_row_dtype
         if feature_map is not None and feature_map.in_features != in_features:
             raise TaskError("the feature map's input size must be the head's")
         self.in_features = in_features
@@ -126,8 +136,24 @@ class IncrementalHead(nn.Module):
         if tuple(weight.shape) != (self.num_classes, self.row_features):
             raise TaskError(f"solved rows must be ({self.num_classes}, {self.row_features}), got {tuple(weight.shape)}")
         like = {"device": self.frozen_weight.device, "dtype": self.frozen_weight.dtype}
-        self.frozen_weight = weight.detach().to(**like).clone()
+        weight = weight.detach()
+        if self.solved_row_dtype == "float16":
+            rounded = weight.half()
+            # Rounded once, here: evaluation, snapshots and every engine then see the same rows.
+            if bool(torch.isfinite(rounded).all()):
+                weight = rounded
+        self.frozen_weight = weight.to(**like).clone()
         self.frozen_bias = (torch.zeros(self.num_classes) if bias is None else bias.detach()).to(**like).clone()
+
+    def publishable_weight(self) -> torch.Tensor:
+        """The rows as a snapshot stores them: float16 when they were solved into it (lossless,
+        since ``set_rows`` rounded them), otherwise as kept."""
+        weight = self.weight.detach()
+        if self.solved_row_dtype == "float16" and weight.is_floating_point() and weight.dtype != torch.float16:
+            half = weight.half()
+            if bool(torch.isfinite(half).all()) and torch.equal(half.to(weight.dtype), weight):
+                return half
+        return weight
 
     def state(self) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
         """Everything needed to restore the head exactly (see ``load``)."""

@@ -92,7 +92,9 @@ class FMLoRAModel(nn.Module):
         feature_map = None
         if config.head.kind == "ridge":
             feature_map = RandomFeatures(self.embed_dim, config.head.random_features, config.head.projection_seed)
-        self.head = IncrementalHead(self.embed_dim, config.head_init_std, feature_map)
+        self.head = IncrementalHead(
+            self.embed_dim, config.head_init_std, feature_map, solved_row_dtype=config.head.solved_row_dtype
+        )
         self.register_buffer("task_feature_means", torch.zeros(0, self.embed_dim))
         self.tasks: list[TaskRecord] = []
         self._task: _TaskInProgress | None = None
@@ -428,7 +430,7 @@ class FMLoRAModel(nn.Module):
             out["prompts.keys"] = self.prompt_bank.keys.detach()
             out["prompts.task_keys"] = self.prompt_bank.task_keys.detach()
         out["tasks.feature_means"] = self.task_feature_means.detach()
-        out["head.weight"] = self.head.weight.detach()
+        out["head.weight"] = self.head.publishable_weight()
         out["head.bias"] = self.head.bias.detach()
         return {k: v.contiguous().cpu() for k, v in out.items()}
 

@@ -121,7 +121,8 @@ def _layout(config: ModelConfig, depth: int) -> dict[str, Any]:
     }
     if config.head.kind != "linear":
         # Only non-default heads add a key, so snapshots written before heads had a config still load.
-        layout["head"] = config.head.model_dump(mode="json")
+        # The rows' storage precision does not change what they mean (every loader casts them).
+        layout["head"] = config.head.model_dump(mode="json", exclude={"solved_row_dtype"})
     if p.enabled:
         start, end = p.block_range(depth)
         layout["prompts"] = {

@@ -247,7 +247,12 @@ class Learner:
                 compensate_drift(statistics, drift, samples_per_class=cfg.drift_samples, seed=salt)
                 compensated = True
             solution = statistics.add_task(
-                after, task.train.labels, task.classes, seed=salt, selection=cfg.lambda_selection
+                after,
+                task.train.labels,
+                task.classes,
+                seed=salt,
+                selection=cfg.lambda_selection,
+                scoring_features=cfg.lambda_scoring_features,
             )
         record = model.end_task(features.mean(0), task_key)
         if solution is not None and statistics is not None:

@@ -157,8 +157,17 @@ class ClassStatistics:
         """Ridge weights (dim, classes) for λ = ``relative_lambda`` x the mean diagonal of G."""
         scale = float(self.gram.diagonal().mean()) or 1.0
         lam = relative_lambda * scale
-        eye = torch.eye(self.dim, dtype=torch.float64)
-        weight = torch.linalg.solve(self.gram + lam * eye, self.cross)
+        system = self.gram + lam * torch.eye(self.dim, dtype=torch.float64)
+        # G + λI is symmetric positive definite for λ > 0: a Cholesky factorisation is about three
+        # times cheaper than LU; LU stays the fallback for λ = 0 or a numerically indefinite G.
+        factor, info = torch.linalg.cholesky_ex(system)
+        if int(info) == 0:
+            weight = torch.cholesky_solve(self.cross, factor)
+        else:
+            try:
+                weight = torch.linalg.solve(system, self.cross)
+            except torch.linalg.LinAlgError as exc:
+                raise DataError(f"the ridge system is singular at λ = {relative_lambda:g} x mean(diag G)") from exc
         if not torch.isfinite(weight).all():
             raise DataError("the ridge solve did not give finite weights")
         return weight.float()
@@ -175,8 +184,14 @@ class ClassStatistics:
         seed: int = 0,
         candidates: Sequence[float] | None = None,
         selection: LambdaSelection = "task",
+        scoring_features: int | None = None,
     ) -> RidgeSolution:
-        """Add one task's training features and solve, with λ chosen on a held-out fifth of them."""
+        """Add one task's training features and solve, with λ chosen on a held-out fifth of them.
+
+        ``scoring_features``: score the candidates on the head made of only the first that many
+        random features (the leading block of G is exactly their Gram matrix), so a large head costs
+        one factorisation at the chosen λ instead of an eigendecomposition of all of G.
+        """
         if candidates is None:
             candidates = CUMULATIVE_LAMBDAS if selection == "cumulative" else RELATIVE_LAMBDAS
         keep, held = held_out_split(labels, seed=seed)
@@ -185,11 +200,13 @@ class ClassStatistics:
             trial = self.copy()
             trial.add(features[keep], labels[keep], classes)
             target = trial._columns(classes)[labels[held]]
+            block = self.dim if scoring_features is None else max(1, min(scoring_features, self.dim))
+            gram, cross = trial.gram[:block, :block], trial.cross[:block]
             # One eigendecomposition serves every candidate: W(λ) = V diag(1 / (s + λ)) Vᵀ Q.
-            values, vectors = torch.linalg.eigh(trial.gram)
-            projected = vectors.T @ trial.cross
-            h_held = trial.lift(features[held]) @ vectors
-            scale = float(trial.gram.diagonal().mean()) or 1.0
+            values, vectors = torch.linalg.eigh(gram)
+            projected = vectors.T @ cross
+            h_held = trial.lift(features[held])[:, :block] @ vectors
+            scale = float(gram.diagonal().mean()) or 1.0
             for lam in candidates:
                 scores = h_held @ (projected / (values.clamp_min(0) + lam * scale).unsqueeze(1))
                 hits.append(float((scores.argmax(dim=1) == target).double().sum()))

@@ -66,3 +66,38 @@ def test_a_solved_head_replaces_every_row_over_the_random_features():
     assert torch.allclose(head(x), head.feature_map(x) @ weight.T)
     with pytest.raises(TaskError, match="solved rows must be"):
         head.set_rows(torch.zeros(3, 10))
+
+
+def test_solved_rows_are_rounded_once_to_float16_and_published_in_it():
+    from fmlora.model import RandomFeatures
+
+    head = IncrementalHead(6, feature_map=RandomFeatures(6, 10, seed=0), solved_row_dtype="float16")
+    head.begin_task("a", ["x", "y"], "class", train_old_rows=False)
+    head.consolidate()
+    weight = torch.randn(2, 10, generator=torch.Generator().manual_seed(0))
+    head.set_rows(weight)
+    # Kept in the model's dtype, with values float16 can hold: what is evaluated is what is served.
+    assert head.weight.dtype == torch.float32 and not torch.equal(head.weight, weight)
+    assert torch.equal(head.weight, weight.half().float())
+    published = head.publishable_weight()
+    assert published.dtype == torch.float16 and torch.equal(published.float(), head.weight)
+    # Rows float16 cannot hold stay as solved.
+    huge = torch.full((2, 10), 1e6)
+    head.set_rows(huge)
+    assert torch.equal(head.weight, huge) and head.publishable_weight().dtype == torch.float32
+
+
+def test_float32_rows_and_trained_rows_are_published_as_kept():
+    exact = IncrementalHead(4, solved_row_dtype="float32")
+    exact.begin_task("a", ["x"], "class", train_old_rows=False)
+    exact.consolidate()
+    weight = torch.randn(1, 4, generator=torch.Generator().manual_seed(1))
+    exact.set_rows(weight)
+    assert torch.equal(exact.weight, weight) and exact.publishable_weight().dtype == torch.float32
+    # Trained rows of a float16 head were never rounded: publishing them in float16 would lose bits.
+    trained = IncrementalHead(4, solved_row_dtype="float16")
+    trained.begin_task("a", ["x"], "class", train_old_rows=False, generator=torch.Generator().manual_seed(2))
+    trained.consolidate()
+    assert trained.publishable_weight().dtype == torch.float32
+    with pytest.raises(TaskError, match="float32 or float16"):
+        IncrementalHead(4, solved_row_dtype="bfloat16")

@@ -139,3 +139,22 @@ def test_failed_write_leaves_nothing_behind(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_snapshot(tiny_model, tmp_path / "v1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_solved_rows_travel_in_float16_and_load_exactly_into_a_float32_row_model(tiny_model, tmp_path):
+    learn_quickly(tiny_model, "a", ["x", "y", "z"], seed=0)
+    solved = torch.randn(3, tiny_model.head.row_features, generator=torch.Generator().manual_seed(3))
+    tiny_model.head.set_rows(solved)
+    path = tmp_path / "v1"
+    manifest = save_snapshot(tiny_model, path, version=1)
+    assert load_file(str(path / TENSOR_FILE))["head.weight"].dtype == torch.float16
+    # The storage precision is not part of the layout: a model that keeps float32 rows loads it.
+    assert "solved_row_dtype" not in manifest.adapter["head"]
+    torch.manual_seed(0)
+    other = FMLoRAModel(tiny_config(head=tiny_model.config.head.model_copy(update={"solved_row_dtype": "float32"})))
+    load_snapshot(other, path)
+    x = tiny_model.preprocessor(random_images(4))
+    tiny_model.eval()
+    other.eval()
+    with torch.no_grad():
+        assert torch.equal(other(x, ["auto"] * 4), tiny_model(x, ["auto"] * 4))

@@ -148,3 +148,41 @@ def test_per_task_lambda_keeps_no_tally_and_takes_the_smallest_of_equals():
     # Well-separated blobs: every candidate gets every held-out image right, so the first wins.
     assert solution.held_out_accuracy == 1.0 and solution.relative_lambda == 1e-3
     assert len(stats.lambda_evidence) == 0
+
+
+def test_lambda_scored_on_a_leading_block_is_the_choice_of_a_head_of_that_many_features():
+    x, y = _blobs(6, 20, seed=3)
+    big, small = RandomFeatures(8, 96, seed=4), RandomFeatures(8, 24, seed=4)
+    # The same seed draws the same leading rows, so the block of G is the small head's Gram matrix.
+    assert torch.equal(big.projection[:24], small.projection)
+    classes = ["a", "b", "c", "d", "e", "f"]
+    scored = ClassStatistics(8, big).add_task(x, y, classes, seed=1, scoring_features=24)
+    reference = ClassStatistics(8, small).add_task(x, y, classes, seed=1)
+    whole = ClassStatistics(8, big).add_task(x, y, classes, seed=1)
+    assert scored.relative_lambda == reference.relative_lambda
+    assert scored.held_out_accuracy == reference.held_out_accuracy
+    # The rows are still solved over every feature, at the λ the block chose.
+    assert scored.weight.shape == whole.weight.shape == (96, 6)
+    stats = ClassStatistics(8, big)
+    stats.add(x, y, classes)
+    assert torch.allclose(scored.weight, stats.solve(scored.relative_lambda))
+    # A block as large as the head (or larger) is the whole head.
+    larger = ClassStatistics(8, big).add_task(x, y, classes, seed=1, scoring_features=500)
+    assert larger.relative_lambda == whole.relative_lambda and torch.equal(larger.weight, whole.weight)
+
+
+def test_the_cholesky_solve_matches_a_general_solve_and_falls_back_when_g_is_not_definite():
+    x, y = _blobs(3, 10)
+    stats = ClassStatistics(8, RandomFeatures(8, 40, seed=0))
+    stats.add(x, y, ["a", "b", "c"])
+    lam = 1e-3 * float(stats.gram.diagonal().mean())
+    general = torch.linalg.solve(stats.gram + lam * torch.eye(40, dtype=torch.float64), stats.cross)
+    assert torch.allclose(stats.solve(1e-3), general.float(), rtol=1e-4, atol=1e-6)
+    # 30 images, 40 features: G is singular, so λ = 0 cannot be factorised by Cholesky; LU still
+    # answers with finite rows or refuses with the library's own error, never a LinAlgError.
+    try:
+        weight = stats.solve(0.0)
+    except DataError as exc:
+        assert "singular" in str(exc) or "finite" in str(exc)
+    else:
+        assert weight.shape == (40, 3) and bool(torch.isfinite(weight).all())
