@@ -199,7 +199,7 @@ class HeadConfig(FrozenConfig):
     """
 
     kind: Literal["linear", "ridge"] = "ridge"
-    random_features: int = Field(2000, ge=1)
+    random_features: int = Field(4000, ge=1)
     projection_seed: int = 0
     # How solved rows are kept and published: "float16" rounds them once, when they are solved (the
     # model in memory is then exactly the one served), and halves the head's share of a snapshot.
