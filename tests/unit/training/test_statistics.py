@@ -93,9 +93,17 @@ def test_statistics_round_trip_through_tensors_and_refuse_another_head():
     assert back.labels == stats.labels and torch.equal(back.gram, stats.gram) and torch.equal(back.sums, stats.sums)
     with pytest.raises(DataError, match="another head"):
         ClassStatistics.from_tensors(tensors, meta, RandomFeatures(8, 16, seed=8))
-    broken = dict(tensors, gram=tensors["gram"][:3])
-    with pytest.raises(DataError, match="shapes"):
+    # The Gram matrix travels as its upper triangle (16 x 17 / 2 values), and comes back whole.
+    assert "gram" not in tensors and tensors["gram_upper"].shape == (136,)
+    assert torch.equal(back.gram, back.gram.T)
+    broken = dict(tensors, gram_upper=tensors["gram_upper"][:3])
+    with pytest.raises(DataError, match="packed"):
         ClassStatistics.from_tensors(broken, meta, rf)
+    # Statistics published with the whole matrix (before packing) still load.
+    legacy = {k: v for k, v in tensors.items() if k != "gram_upper"} | {"gram": stats.gram}
+    assert torch.equal(ClassStatistics.from_tensors(legacy, meta, rf).gram, stats.gram)
+    with pytest.raises(DataError, match="shapes"):
+        ClassStatistics.from_tensors(dict(legacy, gram=stats.gram[:3]), meta, rf)
     nan = dict(tensors, sums=tensors["sums"].clone().fill_(float("nan")))
     with pytest.raises(DataError, match="finite"):
         ClassStatistics.from_tensors(nan, meta, rf)
