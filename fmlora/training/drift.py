@@ -87,9 +87,20 @@ def compensate_drift(
     statistics.moment = moved + torch.outer(b, a @ total) + n * torch.outer(b, b)
 
 
-def _compensate_gram(statistics: ClassStatistics, drift: AffineDrift, samples: int, seed: int) -> None:
+def _compensate_gram(
+    statistics: ClassStatistics, drift: AffineDrift, samples: int, seed: int, route: str = "auto"
+) -> None:
     """Move the Gram and cross matrices through the linear map of random features that the drift
-    induces on each class's Gaussian: ``G ← T G Tᵀ``, ``Q ← T Q``."""
+    induces on each class's Gaussian: ``G ← T G Tᵀ``, ``Q ← T Q``.
+
+    ``T`` is the ridge fit (towards the identity) of lifted samples after the map on those before:
+    ``Tᵀ = (S + λI)⁻¹ (Hᵀ diag(w) H' + λI) = I + U D`` with ``S = Hᵀ diag(w) H``, ``D = H' − H`` and
+    ``U = (S + λI)⁻¹ Hᵀ diag(w)``. With fewer samples N than random features M, ``U`` is computed in
+    the samples' space (``Bᵀ (B Bᵀ + λI)⁻¹ diag(√w)`` with ``B = diag(√w) H``: an N x N solve) and
+    ``T G Tᵀ = G + K + Kᵀ + Dᵀ (Uᵀ G U) D`` with ``K = G U D``, never forming T: about 3M²N
+    operations instead of about 5M³ (a 4,000-feature head after its first task: ~20x fewer); the
+    cheaper route by count is taken.
+    """
     generator = torch.Generator().manual_seed(seed)
     classes, d = len(statistics.labels), statistics.in_features
     values, vectors = torch.linalg.eigh(statistics.within_class_covariance())
@@ -97,11 +108,31 @@ def _compensate_gram(statistics: ClassStatistics, drift: AffineDrift, samples: i
     noise = torch.randn(classes, samples, d, generator=generator, dtype=torch.float64)
     old = (statistics.means.unsqueeze(1) + noise @ root.T).reshape(-1, d)
     h_old, h_new = statistics.lift(old), statistics.lift(drift(old))
-    weighted = h_old * (statistics.counts / samples).repeat_interleave(samples).unsqueeze(1)
-    scatter = weighted.T @ h_old
+    weights = (statistics.counts / samples).repeat_interleave(samples)
+    n, m = h_old.shape
     # Ridge towards the identity: directions the samples do not reach keep their statistics.
-    lam = LIFT_RIDGE * (float(scatter.diagonal().mean()) or 1.0)
-    eye = torch.eye(statistics.dim, dtype=torch.float64)
+    mean_diagonal = float((weights.unsqueeze(1) * h_old.square()).sum()) / m
+    lam = LIFT_RIDGE * (mean_diagonal or 1.0)
+    # Multiply-adds of each route; the samples' space wins until N approaches M.
+    dual_cost, primal_cost = 3 * m * m * n + 5 * m * n * n + n**3 / 3, m * m * n + 4.3 * m**3
+    if route == "dual" or (route == "auto" and dual_cost < primal_cost):
+        root_w = weights.sqrt()
+        scaled = h_old * root_w.unsqueeze(1)  # B
+        kernel = scaled @ scaled.T + lam * torch.eye(n, dtype=torch.float64)
+        # U = Bᵀ K⁻¹ diag(√w) = (K⁻¹ B)ᵀ diag(√w), K symmetric positive definite (λ > 0).
+        update = torch.cholesky_solve(scaled, torch.linalg.cholesky(kernel)).T * root_w  # U, (M, N)
+        if not torch.isfinite(update).all():
+            raise DataError("the drift map of the random features is not finite")
+        delta = h_new - h_old  # D, (N, M)
+        gram_u = statistics.gram @ update
+        k = gram_u @ delta
+        gram = statistics.gram + k + k.T + delta.T @ ((update.T @ gram_u) @ delta)
+        statistics.gram = (gram + gram.T) / 2
+        statistics.cross = statistics.cross + delta.T @ (update.T @ statistics.cross)
+        return
+    weighted = h_old * weights.unsqueeze(1)
+    scatter = weighted.T @ h_old
+    eye = torch.eye(m, dtype=torch.float64)
     transform = torch.linalg.solve(scatter + lam * eye, weighted.T @ h_new + lam * eye).T
     if not torch.isfinite(transform).all():
         raise DataError("the drift map of the random features is not finite")

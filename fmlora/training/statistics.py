@@ -251,7 +251,7 @@ class ClassStatistics:
             "counts": self.counts,
             "sums": self.sums,
             "moment": self.moment,
-            # G is symmetric: its upper triangle is half the bytes (32 MB of 64 at 4,000 features).
+            # G is symmetric: its upper triangle is half the bytes (64 MB of 128 at 4,000 features).
             "gram_upper": _upper_triangle(self.gram),
             "cross": self.cross,
         }

@@ -94,3 +94,21 @@ def test_compensation_of_empty_statistics_is_a_no_op():
     stats = ClassStatistics(8, RandomFeatures(8, 16, seed=0))
     compensate_drift(stats, _map())
     assert stats.labels == [] and stats.gram.abs().sum() == 0
+
+
+@pytest.mark.parametrize("samples_per_class", [4, 64])  # 16 samples < 128 features; 256 > 128
+def test_the_samples_space_route_moves_the_gram_exactly_as_the_features_space_route(samples_per_class):
+    from fmlora.training.drift import _compensate_gram
+
+    x, y = _blobs(4, 30, seed=2)
+    stats = ClassStatistics(8, RandomFeatures(8, 128, seed=3))
+    stats.add(x, y, list("abcd"))
+    drift = _map(seed=5)
+    primal, dual = stats.copy(), stats.copy()
+    _compensate_gram(primal, drift, samples_per_class, seed=1, route="primal")
+    _compensate_gram(dual, drift, samples_per_class, seed=1, route="dual")
+    assert not torch.allclose(primal.gram, stats.gram)  # the drift moved something
+    scale = float(primal.gram.abs().max())
+    assert torch.allclose(dual.gram, primal.gram, rtol=1e-6, atol=1e-8 * scale)
+    assert torch.allclose(dual.cross, primal.cross, rtol=1e-6, atol=1e-8 * float(primal.cross.abs().max()))
+    assert torch.equal(dual.gram, dual.gram.T)
