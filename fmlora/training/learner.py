@@ -199,7 +199,8 @@ class Learner:
         device = model.device
         prior_rank = model.rank_selector.expected_rank()
         first = len(model.tasks) == 0
-        adapt = cfg.adaptation == "continual" or (cfg.adaptation == "first_task" and first)
+        adapt = cfg.adaptation in ("continual", "on_demand") or (cfg.adaptation == "first_task" and first)
+        on_demand = cfg.adaptation == "on_demand"
         lr = cfg.lr * (1.0 if first else cfg.later_lr_scale)
 
         objective: Objective
@@ -215,12 +216,16 @@ class Learner:
                 model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).features, cfg.loader_workers
             )
             objective = PrototypeObjective(task.classes, task.train.labels, before, statistics, cfg, device)
-            if adapt and not first and cfg.plasticity == "auto":
+            if adapt and not first and (cfg.plasticity == "auto" or on_demand):
                 pre_task_error = within_task_error(before, task.train.labels, len(task.classes))
                 novel = pre_task_error >= cfg.novel_task_error
-                if novel:
+                if novel and cfg.plasticity == "auto":
                     lr = cfg.lr
                     model.open_bases()
+                elif not novel and on_demand:
+                    # Features that already separate the task's classes are left as they are: the
+                    # task only adds class statistics, and earlier classes do not drift.
+                    adapt = False
             # The ridge head's rows are solved after training, never trained.
             params = [p for p in model.trainable_parameters() if id(p) not in head] if adapt else []
         extra = objective.parameters() if adapt else []

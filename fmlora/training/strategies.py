@@ -56,6 +56,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "fmlora-no-drs": _without_drs,
     "fmlora-no-dmp": _without_dmp,
     "fmlora-continual": _ridge_head,
+    "fmlora-on-demand": _ridge_head,
     "fmlora-first-task": _ridge_head,
     "fmlora-frozen": _ridge_head,
     "fmlora-no-drift": _ridge_head,
@@ -66,6 +67,8 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
 # Strategies that differ in how they train rather than in the model.
 TRAINING: dict[str, dict[str, Any]] = {
     "fmlora-continual": {"adaptation": "continual"},  # adapt on every task, whatever the default
+    # adapt on the first task and on later tasks the features separate badly (novel) only
+    "fmlora-on-demand": {"adaptation": "on_demand"},
     "fmlora-first-task": {"adaptation": "first_task"},  # adapt on the first task only (RanPAC's recipe)
     "fmlora-frozen": {"adaptation": "none"},  # never adapt: the solved head on the frozen backbone
     # adapt on every task but keep earlier classes' statistics as taken (no drift compensation)

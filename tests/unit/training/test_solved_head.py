@@ -138,3 +138,31 @@ def test_a_novel_later_task_opens_the_bases_and_a_familiar_one_does_not():
     assert novel.trainable_parameters > familiar.trainable_parameters  # the bases trained too
     fixed = Learner(_cfg(plasticity="fixed")).learn_stream(_ridge_model(), stream)[1]
     assert [r.novel for r in fixed] == [None, None]
+
+
+def test_on_demand_adaptation_trains_a_later_task_only_when_it_is_novel():
+    from fmlora.data import ImageSet, TaskData
+
+    stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=8, test_per_class=2)
+    second = stream[1]
+    g = torch.Generator().manual_seed(1)
+    scrambled = ImageSet(second.train.images, torch.randint(0, 2, (16,), generator=g), second.train.classes)
+    hard = TaskData(second.name, second.kind, scrambled, second.test)
+    reports = {}
+    for name, task, threshold in (("familiar", second, 1.0), ("novel", hard, 0.05)):
+        model = _ridge_model()
+        stats = new_statistics(model)
+        learner = Learner(_cfg(adaptation="on_demand", novel_task_error=threshold))
+        first = learner.learn_task(model, stream[0], statistics=stats)
+        adapter = [t.detach().clone() for t in model.adapter_tensors().values()]
+        report = learner.learn_task(model, task, statistics=stats)
+        after = list(model.adapter_tensors().values())
+        moved = any(b.shape == a.shape and not torch.equal(b, a) for b, a in zip(adapter, after, strict=False))
+        reports[name] = (first, report, moved)
+    first, familiar, familiar_moved = reports["familiar"]
+    assert first.epochs == 1 and first.trainable_parameters > 0  # the first task always adapts
+    # A task the features already separate only adds statistics: nothing trains, nothing drifts.
+    assert familiar.novel is False and familiar.epochs == 0 and familiar.trainable_parameters == 0
+    assert not familiar.drift_compensated and familiar.relative_lambda is not None and not familiar_moved
+    _, novel, novel_moved = reports["novel"]
+    assert novel.novel is True and novel.epochs == 1 and novel.trainable_parameters > 0 and novel_moved
