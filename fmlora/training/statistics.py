@@ -78,6 +78,20 @@ def _moment_of_means(counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     return sums.T @ (sums / counts.clamp_min(1).unsqueeze(1))
 
 
+def _ridge_solution(system: torch.Tensor, cross: torch.Tensor) -> torch.Tensor | None:
+    """``system⁻¹ cross`` for ``system = G + λI``, or None where it is numerically singular.
+
+    For λ > 0 the system is symmetric positive definite: Cholesky is about three times cheaper than
+    LU, which stays the fallback (λ = 0, or a G indefinite by rounding)."""
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        return torch.cholesky_solve(cross, factor)
+    try:
+        return torch.linalg.solve(system, cross)
+    except torch.linalg.LinAlgError:
+        return None
+
+
 def _upper_triangle(matrix: torch.Tensor) -> torch.Tensor:
     rows, cols = torch.triu_indices(len(matrix), len(matrix))
     return matrix[rows, cols]
@@ -177,17 +191,9 @@ class ClassStatistics:
         """Ridge weights (dim, classes) for λ = ``relative_lambda`` x the mean diagonal of G."""
         scale = float(self.gram.diagonal().mean()) or 1.0
         lam = relative_lambda * scale
-        system = self.gram + lam * torch.eye(self.dim, dtype=torch.float64)
-        # G + λI is symmetric positive definite for λ > 0: a Cholesky factorisation is about three
-        # times cheaper than LU; LU stays the fallback for λ = 0 or a numerically indefinite G.
-        factor, info = torch.linalg.cholesky_ex(system)
-        if int(info) == 0:
-            weight = torch.cholesky_solve(self.cross, factor)
-        else:
-            try:
-                weight = torch.linalg.solve(system, self.cross)
-            except torch.linalg.LinAlgError as exc:
-                raise DataError(f"the ridge system is singular at λ = {relative_lambda:g} x mean(diag G)") from exc
+        weight = _ridge_solution(self.gram + lam * torch.eye(self.dim, dtype=torch.float64), self.cross)
+        if weight is None:
+            raise DataError(f"the ridge system is singular at λ = {relative_lambda:g} x mean(diag G)")
         if not torch.isfinite(weight).all():
             raise DataError("the ridge solve did not give finite weights")
         return weight.float()
@@ -209,8 +215,9 @@ class ClassStatistics:
         """Add one task's training features and solve, with λ chosen on a held-out fifth of them.
 
         ``scoring_features``: score the candidates on the head made of only the first that many
-        random features (the leading block of G is exactly their Gram matrix), so a large head costs
-        one factorisation at the chosen λ instead of an eigendecomposition of all of G.
+        random features (the leading block of G is exactly their Gram matrix); None: on the whole
+        head. A smaller head's best λ is not the larger head's (measured: README), so the default
+        scores on the whole head.
         """
         if candidates is None:
             candidates = CUMULATIVE_LAMBDAS if selection == "cumulative" else RELATIVE_LAMBDAS
@@ -222,13 +229,17 @@ class ClassStatistics:
             target = trial._columns(classes)[labels[held]]
             block = self.dim if scoring_features is None else max(1, min(scoring_features, self.dim))
             gram, cross = trial.gram[:block, :block], trial.cross[:block]
-            # One eigendecomposition serves every candidate: W(λ) = V diag(1 / (s + λ)) Vᵀ Q.
-            values, vectors = torch.linalg.eigh(gram)
-            projected = vectors.T @ cross
-            h_held = trial.lift(features[held])[:, :block] @ vectors
+            h_held = trial.lift(features[held])[:, :block]
             scale = float(gram.diagonal().mean()) or 1.0
+            eye = torch.eye(block, dtype=torch.float64)
+            # One Cholesky factorisation per candidate: at 4,000 features nine of them take a third
+            # of the time of the one eigendecomposition that would serve them all (2.7 s vs 9 s).
             for lam in candidates:
-                scores = h_held @ (projected / (values.clamp_min(0) + lam * scale).unsqueeze(1))
+                weight = _ridge_solution(gram + lam * scale * eye, cross)
+                if weight is None:  # numerically singular at this λ: it cannot be chosen
+                    hits.append(0.0)
+                    continue
+                scores = h_held @ weight
                 hits.append(float((scores.argmax(dim=1) == target).double().sum()))
         self.add(features, labels, classes)
         if not hits:
