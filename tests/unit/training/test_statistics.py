@@ -194,3 +194,21 @@ def test_the_cholesky_solve_matches_a_general_solve_and_falls_back_when_g_is_not
         assert "singular" in str(exc) or "finite" in str(exc)
     else:
         assert weight.shape == (40, 3) and bool(torch.isfinite(weight).all())
+
+
+def test_lambda_is_the_held_out_best_of_explicit_ridge_solves_over_the_whole_head():
+    from fmlora.training.statistics import RELATIVE_LAMBDAS
+
+    x, y = _blobs(5, 16, seed=6)
+    x = x + 2.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))  # overlapping classes
+    rf = RandomFeatures(8, 48, seed=5)
+    classes = ["a", "b", "c", "d", "e"]
+    chosen = ClassStatistics(8, rf).add_task(x, y, classes, seed=2)
+    keep, held = held_out_split(y, seed=2)
+    trial = ClassStatistics(8, rf)
+    trial.add(x[keep], y[keep], classes)
+    hits = [int((trial.logits(x[held], trial.solve(lam)).argmax(1) == y[held]).sum()) for lam in RELATIVE_LAMBDAS]
+    best = max(range(len(hits)), key=lambda i: (hits[i], -i))
+    assert chosen.relative_lambda == RELATIVE_LAMBDAS[best]
+    assert chosen.held_out_accuracy == hits[best] / len(held)
+    assert len(set(hits)) > 1  # the candidates really differ here, so the choice was tested
