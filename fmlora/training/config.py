@@ -40,7 +40,7 @@ class TrainConfig(FrozenConfig):
     # never (a solved head on the frozen backbone). Tasks after the first train at lr x later_lr_scale.
     # "on_demand": the first task, then only later tasks whose classes the current features separate
     # badly (novel, below); the others only add statistics.
-    adaptation: Literal["continual", "on_demand", "first_task", "none"] = "continual"
+    adaptation: Literal["continual", "on_demand", "first_task", "none"] = "on_demand"
     later_lr_scale: float = Field(0.1, gt=0)
     # The ridge head's training objective: scaled-cosine logits to class prototypes, plus a feature
     # distillation to the model before the task (weight 0: off) that bounds drift of earlier classes.
