@@ -38,8 +38,8 @@ class TrainConfig(FrozenConfig):
     # How the adapter learns across tasks (ARCHITECTURE.md §2, "The solved head"): "continual" trains it on every task,
     # "first_task" only on the first (later tasks only add class statistics, as RanPAC), "none"
     # never (a solved head on the frozen backbone). Tasks after the first train at lr x later_lr_scale.
-    # "on_demand": the first task, then only later tasks whose classes the current features separate
-    # badly (novel, below); the others only add statistics.
+    # "on_demand": the first task, every domain-incremental task, and class-incremental tasks whose
+    # classes the current features separate badly (novel, below); the others only add statistics.
     adaptation: Literal["continual", "on_demand", "first_task", "none"] = "on_demand"
     later_lr_scale: float = Field(0.1, gt=0)
     # The ridge head's training objective: scaled-cosine logits to class prototypes, plus a feature

@@ -222,9 +222,10 @@ class Learner:
                 if novel and cfg.plasticity == "auto":
                     lr = cfg.lr
                     model.open_bases()
-                elif not novel and on_demand:
-                    # Features that already separate the task's classes are left as they are: the
-                    # task only adds class statistics, and earlier classes do not drift.
+                elif not novel and on_demand and task.kind != "domain":
+                    # Features that already separate a task's new classes are left as they are: the
+                    # task only adds class statistics, and earlier classes do not drift. A domain
+                    # task (known classes, new images) always adapts: measured, that pays (README).
                     adapt = False
             # The ridge head's rows are solved after training, never trained.
             params = [p for p in model.trainable_parameters() if id(p) not in head] if adapt else []

@@ -169,3 +169,24 @@ def test_on_demand_adaptation_trains_a_later_task_only_when_it_is_novel():
     assert not familiar.drift_compensated and familiar.relative_lambda is not None and not familiar_moved
     _, novel, novel_moved = reports["novel"]
     assert novel.novel is True and novel.epochs == 1 and novel.trainable_parameters > 0 and novel_moved
+
+
+def test_on_demand_adaptation_always_adapts_a_domain_task():
+    from fmlora.data import ImageSet, TaskData
+
+    stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=8, test_per_class=2)
+    first, second = stream
+    # The second task's images as a new domain of the first task's classes.
+    domain = TaskData(
+        "domain1",
+        "domain",
+        ImageSet(second.train.images, second.train.labels, first.train.classes),
+        ImageSet(second.test.images, second.test.labels, first.test.classes),
+    )
+    model = _ridge_model()
+    stats = new_statistics(model)
+    learner = Learner(_cfg(adaptation="on_demand", novel_task_error=1.0))  # no task counts as novel
+    learner.learn_task(model, first, statistics=stats)
+    report = learner.learn_task(model, domain, statistics=stats)
+    assert report.novel is False and report.epochs == 1 and report.trainable_parameters > 0
+    assert stats.labels == list(first.classes) and stats.counts.tolist() == [16.0, 16.0]
