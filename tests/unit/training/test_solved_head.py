@@ -115,15 +115,20 @@ def test_within_task_error_measures_how_badly_features_separate_a_task():
     assert within_task_error(noise, shuffled, 3) > within_task_error(separated, labels, 3)
 
 
-def test_a_novel_later_task_opens_the_bases_and_a_familiar_one_does_not():
+def _first_familiar_and_novel():
+    """A two-task stream, and its second task again with labels drawn at random: the current
+    features cannot separate those, so that task is novel."""
     from fmlora.data import ImageSet, TaskData
 
     stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=8, test_per_class=2)
     second = stream[1]
     g = torch.Generator().manual_seed(1)
-    # Labels drawn at random: the current features cannot separate them, so the task is novel.
     scrambled = ImageSet(second.train.images, torch.randint(0, 2, (16,), generator=g), second.train.classes)
-    hard = TaskData(second.name, second.kind, scrambled, second.test)
+    return stream, second, TaskData(second.name, second.kind, scrambled, second.test)
+
+
+def test_a_novel_later_task_opens_the_bases_and_a_familiar_one_does_not():
+    stream, second, hard = _first_familiar_and_novel()
     counts = {}
     for name, task, threshold in (("familiar", second, 1.0), ("novel", hard, 0.05)):
         model = _ridge_model()
@@ -144,13 +149,7 @@ def test_a_novel_later_task_opens_the_bases_and_a_familiar_one_does_not():
 
 
 def test_on_demand_adaptation_trains_a_later_task_only_when_it_is_novel():
-    from fmlora.data import ImageSet, TaskData
-
-    stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=8, test_per_class=2)
-    second = stream[1]
-    g = torch.Generator().manual_seed(1)
-    scrambled = ImageSet(second.train.images, torch.randint(0, 2, (16,), generator=g), second.train.classes)
-    hard = TaskData(second.name, second.kind, scrambled, second.test)
+    stream, second, hard = _first_familiar_and_novel()
     reports = {}
     for name, task, threshold in (("familiar", second, 1.0), ("novel", hard, 0.05)):
         model = _ridge_model()
