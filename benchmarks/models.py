@@ -50,15 +50,19 @@ def backbone_config(name: str, weights_dir: str | Path | None = None, *, weights
 
 
 def model_config(name: str, weights_dir: str | Path | None = None, *, weights: str = "random") -> Any:
-    """ModelConfig for ``name`` (see ``backbone_config``); default adapter and prompt settings, except
-    the tiny ViT, which uses the tests' small adapter and prompt bank."""
-    from fmlora.model import AdapterConfig, ModelConfig, PromptConfig
+    """ModelConfig for ``name`` (see ``backbone_config``); default adapter, prompt and head settings,
+    except the tiny ViT, which uses the tests' small adapter, prompt bank and head (its 64 features
+    need no 4,000 random features, whose λ search costs seconds per task)."""
+    from fmlora.model import AdapterConfig, HeadConfig, ModelConfig, PromptConfig
 
     if name == "offline":
         return ModelConfig()
     backbone = backbone_config(name, weights_dir, weights=weights)
     if name == "tiny":
         return ModelConfig(
-            backbone=backbone, adapter=AdapterConfig(rank=8, alpha=8), prompts=PromptConfig(bank_size=4, length=4)
+            backbone=backbone,
+            adapter=AdapterConfig(rank=8, alpha=8),
+            prompts=PromptConfig(bank_size=4, length=4),
+            head=HeadConfig(random_features=512),
         )
     return ModelConfig(backbone=backbone)

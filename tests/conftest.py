@@ -14,11 +14,14 @@ import pytest
 import torch
 
 from fmlora.data import make_synthetic_stream
-from fmlora.model import AdapterConfig, BackboneConfig, FMLoRAModel, ModelConfig, PromptConfig
+from fmlora.model import AdapterConfig, BackboneConfig, FMLoRAModel, HeadConfig, ModelConfig, PromptConfig
 from fmlora.training.pretrain import pretrain_backbone
 
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
 TINY_RANDOM = BackboneConfig(name="vit_tiny_patch16_224", weights="random", model_kwargs=TINY_KWARGS)
+# The tiny ViT's 64 features need no 4,000-feature head, and at that size every task a test learns
+# spends seconds on the ridge's λ search; tests of the head's own size set it explicitly.
+TINY_HEAD = HeadConfig(random_features=512)
 
 
 def tiny_config(backbone: BackboneConfig = TINY_RANDOM, **overrides: object) -> ModelConfig:
@@ -26,6 +29,7 @@ def tiny_config(backbone: BackboneConfig = TINY_RANDOM, **overrides: object) -> 
         "backbone": backbone,
         "adapter": AdapterConfig(rank=8, alpha=8),
         "prompts": PromptConfig(bank_size=4, length=4),
+        "head": TINY_HEAD,
     }
     fields.update(overrides)
     return ModelConfig(**fields)

@@ -60,6 +60,11 @@ class TrainConfig(FrozenConfig):
     # "task" decides on this task's held-out fifth alone (RanPAC's recipe); "cumulative" tallies every
     # task's held-out hits per candidate (steadier, but measured no better with adaptation: README).
     lambda_selection: LambdaSelection = "task"
+    # "task": the largest λ whose held-out hits are within this many standard errors of the best
+    # count (a fifth of one task is a few dozen images: the best count alone is noise between
+    # neighbouring λ, measured in README). 0: the best count, ties to the larger λ. None: RanPAC's
+    # plain arg-max (ties to the smaller λ), the rule before this one (``fmlora-lambda-argmax``).
+    lambda_tolerance: float | None = Field(0.5, ge=0)
     # λ scored on a head of only this many of the random features (exactly their block of the Gram
     # matrix), which is cheaper; None scores on the whole head. At 4,000 features a 2,000 block
     # picked too small a λ on glyphs-dil (README, "What did not work"), so None is the default.

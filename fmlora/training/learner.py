@@ -259,6 +259,7 @@ class Learner:
                 seed=salt,
                 selection=cfg.lambda_selection,
                 scoring_features=cfg.lambda_scoring_features,
+                tolerance=cfg.lambda_tolerance,
             )
         record = model.end_task(features.mean(0), task_key)
         if solution is not None and statistics is not None:

@@ -10,8 +10,9 @@ classes' columns. ``P`` is regenerated from a seed, never stored.
 
 The ridge weights are ``W = (G + λI)⁻¹ Q``. λ is chosen on held-out *training* data: the statistics
 of the task's training images minus a held-out fifth are solved for each candidate λ and scored on
-that fifth (over every class seen so far), then the whole task is added. ``selection="task"`` takes
-the best candidate of this task alone (RanPAC's recipe); ``"cumulative"`` adds each task's held-out
+that fifth (over every class seen so far), then the whole task is added. ``selection="task"`` decides
+on this task alone (RanPAC's recipe), taking the largest λ within half a standard error of the best
+held-out count (``tolerance``); ``"cumulative"`` adds each task's held-out
 hits per candidate to a running tally kept with the statistics and takes the best of the tally (ties:
 the larger λ). One task's fifth is a few dozen images, all of them of the newest classes, so a
 per-task choice swings over decades from task to task (1e-6 to 100 on the glyph stream); the tally
@@ -21,6 +22,7 @@ lose precision.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,6 +92,19 @@ def _ridge_solution(system: torch.Tensor, cross: torch.Tensor) -> torch.Tensor |
         return torch.linalg.solve(system, cross)
     except torch.linalg.LinAlgError:
         return None
+
+
+def _most_regularised_within(candidates: Sequence[float], hits: Sequence[float], held: int, tolerance: float) -> int:
+    """Index of the largest λ whose held-out hits are within ``tolerance`` standard errors of the best.
+
+    A task's held-out fifth is a few dozen images, so neighbouring λ often differ by a hit or two
+    of noise; taking the best count alone swung the choice over decades from task to task and
+    cost final accuracy (README, "the λ rule"). Among candidates the evidence cannot tell apart,
+    the most regularised one is the safer guess."""
+    best = max(hits)
+    p = best / held
+    slack = tolerance * math.sqrt(p * (1 - p) / held) * held
+    return max((i for i in range(len(candidates)) if hits[i] >= best - slack), key=lambda i: candidates[i])
 
 
 def _upper_triangle(matrix: torch.Tensor) -> torch.Tensor:
@@ -211,6 +226,7 @@ class ClassStatistics:
         candidates: Sequence[float] | None = None,
         selection: LambdaSelection = "task",
         scoring_features: int | None = None,
+        tolerance: float | None = 0.5,
     ) -> RidgeSolution:
         """Add one task's training features and solve, with λ chosen on a held-out fifth of them.
 
@@ -218,6 +234,11 @@ class ClassStatistics:
         random features (the leading block of G is exactly their Gram matrix); None: on the whole
         head. A smaller head's best λ is not the larger head's (measured: README), so the default
         scores on the whole head.
+
+        ``tolerance`` (``selection="task"``): candidates whose held-out hits are within this many
+        standard errors of the best count are taken as equally good, and the largest λ of them is
+        chosen (the one-standard-error rule, scaled; 0: the best count, ties to the larger λ). None:
+        RanPAC's plain arg-max, the best count with ties to the smaller λ (the ``ranpac`` baseline).
         """
         if candidates is None:
             candidates = CUMULATIVE_LAMBDAS if selection == "cumulative" else RELATIVE_LAMBDAS
@@ -252,7 +273,10 @@ class ClassStatistics:
             best = max(range(len(candidates)), key=lambda i: (tally[i], i))
             lam, accuracy = candidates[best], hits[best] / len(held)
         else:
-            best = max(range(len(candidates)), key=lambda i: (hits[i], -i))
+            if tolerance is None:
+                best = max(range(len(candidates)), key=lambda i: (hits[i], -i))
+            else:
+                best = _most_regularised_within(candidates, hits, len(held), tolerance)
             lam, accuracy = candidates[best], hits[best] / len(held)
         return RidgeSolution(self.solve(lam), lam, accuracy)
 

@@ -4,6 +4,11 @@ from typer.testing import CliRunner
 
 from fmlora.cli import app
 
+# The benchmarks' tiny models need no 4,000-feature head: a smaller one keeps each task's λ search
+# (seconds at 4,000) out of the test run. The head's size has tests of its own.
+SMALL_HEAD = ("--model-option", "head.random_features=512")
+SMALL_HEAD_OPTIONS = {"head.random_features": 512}
+
 
 def test_bench_cli_writes_results_summary_and_plots(tmp_path):
     out = tmp_path / "bench"
@@ -21,6 +26,7 @@ def test_bench_cli_writes_results_summary_and_plots(tmp_path):
             "2",
             "--epochs",
             "2",
+            *SMALL_HEAD,
             "--out",
             str(out),
         ],
@@ -71,7 +77,16 @@ def test_glyph_benchmarks_run_end_to_end_with_joint_on_both_kinds(tmp_path):
 
     for benchmark in ("glyphs", "glyphs-dil"):
         out = tmp_path / benchmark
-        spec = BenchSpec(benchmark, ("fmlora", "joint"), (0,), out, num_tasks=2, epochs=1, backbone=TINY_RANDOM)
+        spec = BenchSpec(
+            benchmark,
+            ("fmlora", "joint"),
+            (0,),
+            out,
+            num_tasks=2,
+            epochs=1,
+            backbone=TINY_RANDOM,
+            model_options=SMALL_HEAD_OPTIONS,
+        )
         rows = run_benchmark(spec)
         fm, joint = rows
         assert fm["kind"] == ("class" if benchmark == "glyphs" else "domain") and fm["protocol"] == "sequential"
@@ -120,7 +135,18 @@ def test_training_free_baselines_run_on_class_and_domain_streams(tmp_path):
 
 def test_bench_cli_takes_training_options_and_refuses_bad_ones(tmp_path):
     out = tmp_path / "bench"
-    args = ["bench", "--benchmark", "synthetic", "--methods", "fmlora-continual", "--tasks", "2", "--epochs", "1"]
+    args = [
+        "bench",
+        "--benchmark",
+        "synthetic",
+        "--methods",
+        "fmlora-continual",
+        "--tasks",
+        "2",
+        "--epochs",
+        "1",
+        *SMALL_HEAD,
+    ]
     options = ["--train-option", "later_lr_scale=1.0", "--train-option", "drift_compensation=none"]
     result = CliRunner().invoke(app, [*args, *options, "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -148,14 +148,18 @@ def test_cumulative_lambda_tallies_held_out_hits_over_tasks_and_survives_a_round
     assert len(ClassStatistics.from_tensors(tensors, meta, rf).lambda_evidence) == 0
 
 
-def test_per_task_lambda_keeps_no_tally_and_takes_the_smallest_of_equals():
+def test_per_task_lambda_keeps_no_tally_and_takes_the_largest_of_equals():
     rf = RandomFeatures(8, 64, seed=2)
-    stats = ClassStatistics(8, rf)
     x, y = _blobs(3, 20, seed=4)
-    solution = stats.add_task(x, y, ["a", "b", "c"], seed=0, selection="task", candidates=(1e-3, 1e-2, 1e-1))
-    # Well-separated blobs: every candidate gets every held-out image right, so the first wins.
-    assert solution.held_out_accuracy == 1.0 and solution.relative_lambda == 1e-3
+    candidates = (1e-3, 1e-2, 1e-1)
+    stats = ClassStatistics(8, rf)
+    solution = stats.add_task(x, y, ["a", "b", "c"], seed=0, selection="task", candidates=candidates)
+    # Well-separated blobs: every candidate gets every held-out image right, so the most regularised wins.
+    assert solution.held_out_accuracy == 1.0 and solution.relative_lambda == 1e-1
     assert len(stats.lambda_evidence) == 0
+    # RanPAC's arg-max keeps the first of equals.
+    argmax = ClassStatistics(8, rf).add_task(x, y, ["a", "b", "c"], seed=0, candidates=candidates, tolerance=None)
+    assert argmax.relative_lambda == 1e-3
 
 
 def test_lambda_scored_on_a_leading_block_is_the_choice_of_a_head_of_that_many_features():
@@ -208,7 +212,27 @@ def test_lambda_is_the_held_out_best_of_explicit_ridge_solves_over_the_whole_hea
     trial = ClassStatistics(8, rf)
     trial.add(x[keep], y[keep], classes)
     hits = [int((trial.logits(x[held], trial.solve(lam)).argmax(1) == y[held]).sum()) for lam in RELATIVE_LAMBDAS]
-    best = max(range(len(hits)), key=lambda i: (hits[i], -i))
-    assert chosen.relative_lambda == RELATIVE_LAMBDAS[best]
-    assert chosen.held_out_accuracy == hits[best] / len(held)
+    # The default rule: the largest λ within half a standard error of the best held-out count.
+    top = max(hits)
+    slack = 0.5 * (top / len(held) * (1 - top / len(held)) / len(held)) ** 0.5 * len(held)
+    rule = max(i for i in range(len(hits)) if hits[i] >= top - slack)
+    assert chosen.relative_lambda == RELATIVE_LAMBDAS[rule]
+    assert chosen.held_out_accuracy == hits[rule] / len(held)
+    # RanPAC's plain arg-max (tolerance None): the first best count, i.e. ties to the smaller λ.
+    argmax = ClassStatistics(8, rf).add_task(x, y, classes, seed=2, tolerance=None)
+    assert argmax.relative_lambda == RELATIVE_LAMBDAS[hits.index(top)]
     assert len(set(hits)) > 1  # the candidates really differ here, so the choice was tested
+
+
+def test_the_lambda_rule_takes_the_most_regularised_candidate_the_evidence_cannot_tell_from_the_best():
+    from fmlora.training.statistics import _most_regularised_within
+
+    lambdas = (1e-3, 1e-2, 1e-1, 1.0)
+    # 80 held-out images, best 60 hits: one standard error is sqrt(.75 x .25 / 80) x 80 = 3.9 hits.
+    hits = (60, 59, 57, 50)
+    assert _most_regularised_within(lambdas, hits, 80, 0.5) == 1  # 59 within 1.9 of 60, 57 not
+    assert _most_regularised_within(lambdas, hits, 80, 1.0) == 2  # 57 within 3.9
+    assert _most_regularised_within(lambdas, hits, 80, 0.0) == 0
+    assert _most_regularised_within(lambdas, (60, 60, 59, 40), 80, 0.0) == 1  # a tie goes to the larger λ
+    # The candidates' order does not matter: the largest λ wins, wherever it stands.
+    assert _most_regularised_within((1.0, 1e-3), (59, 60), 80, 0.5) == 0
