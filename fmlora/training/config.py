@@ -65,6 +65,9 @@ class TrainConfig(FrozenConfig):
     # neighbouring λ, measured in README). 0: the best count, ties to the larger λ. None: RanPAC's
     # plain arg-max (ties to the smaller λ), the rule before this one (``fmlora-lambda-argmax``).
     lambda_tolerance: float | None = Field(0.5, ge=0)
+    # The held-out fifth holds only the task's own classes: this many features per earlier class,
+    # drawn from its Gaussian (class mean, pooled covariance), join it, so λ also answers for them.
+    lambda_old_class_samples: int = Field(0, ge=0)
     # λ scored on a head of only this many of the random features (exactly their block of the Gram
     # matrix), which is cheaper; None scores on the whole head. At 4,000 features a 2,000 block
     # picked too small a λ on glyphs-dil (README, "What did not work"), so None is the default.

@@ -260,6 +260,7 @@ class Learner:
                 selection=cfg.lambda_selection,
                 scoring_features=cfg.lambda_scoring_features,
                 tolerance=cfg.lambda_tolerance,
+                old_class_samples=cfg.lambda_old_class_samples,
             )
         record = model.end_task(features.mean(0), task_key)
         if solution is not None and statistics is not None:
