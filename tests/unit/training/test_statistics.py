@@ -236,3 +236,31 @@ def test_the_lambda_rule_takes_the_most_regularised_candidate_the_evidence_canno
     assert _most_regularised_within(lambdas, (60, 60, 59, 40), 80, 0.0) == 1  # a tie goes to the larger λ
     # The candidates' order does not matter: the largest λ wins, wherever it stands.
     assert _most_regularised_within((1.0, 1e-3), (59, 60), 80, 0.5) == 0
+
+
+def test_gaussian_draws_of_earlier_classes_join_the_held_out_fifth_when_asked():
+    from fmlora.training.statistics import RELATIVE_LAMBDAS
+
+    rf = RandomFeatures(8, 48, seed=5)
+    x, y = _blobs(6, 16, seed=8)
+    x = x + 2.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    first, second = y < 3, y >= 3
+    base = ClassStatistics(8, rf)
+    base.add_task(x[first], y[first], ["a", "b", "c"], seed=1)
+    plain = base.copy().add_task(x[second], y[second] - 3, ["d", "e", "f"], seed=2, tolerance=None)
+    mixed = base.copy().add_task(x[second], y[second] - 3, ["d", "e", "f"], seed=2, tolerance=None, old_class_samples=5)
+    # The same choice, made by hand: the task's held-out fifth plus five draws of each earlier class.
+    keep, held = held_out_split(y[second] - 3, seed=2)
+    trial = base.copy()
+    trial.add(x[second][keep], y[second][keep] - 3, ["d", "e", "f"])
+    drawn = base._gaussian_samples([0, 1, 2], 5, seed=2)
+    features = torch.cat([x[second][held], drawn])
+    target = torch.cat([y[second][held], torch.arange(3).repeat_interleave(5)])
+    hits = [int((trial.logits(features, trial.solve(lam)).argmax(1) == target).sum()) for lam in RELATIVE_LAMBDAS]
+    assert mixed.relative_lambda == RELATIVE_LAMBDAS[hits.index(max(hits))]
+    assert mixed.held_out_accuracy == max(hits) / (len(held) + 15)
+    assert plain.held_out_accuracy is not None and plain.held_out_accuracy * len(held) == round(
+        plain.held_out_accuracy * len(held)
+    )
+    # Draws come from each class's own Gaussian: their mean is near the class mean.
+    assert torch.allclose(base._gaussian_samples([1], 4000, seed=0).double().mean(0), base.means[1], atol=0.15)
