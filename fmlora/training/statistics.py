@@ -11,8 +11,8 @@ classes' columns. ``P`` is regenerated from a seed, never stored.
 The ridge weights are ``W = (G + λI)⁻¹ Q``. λ is chosen on held-out *training* data: the statistics
 of the task's training images minus a held-out fifth are solved for each candidate λ and scored on
 that fifth (over every class seen so far), then the whole task is added. ``selection="task"`` decides
-on this task alone (RanPAC's recipe), taking the largest λ within half a standard error of the best
-held-out count (``tolerance``); ``"cumulative"`` adds each task's held-out
+on this task alone (RanPAC's recipe: the best held-out count; ``tolerance`` takes the largest λ
+within that many standard errors of it instead); ``"cumulative"`` adds each task's held-out
 hits per candidate to a running tally kept with the statistics and takes the best of the tally (ties:
 the larger λ). One task's fifth is a few dozen images, all of them of the newest classes, so a
 per-task choice swings over decades from task to task (1e-6 to 100 on the glyph stream); the tally
@@ -242,7 +242,7 @@ class ClassStatistics:
         candidates: Sequence[float] | None = None,
         selection: LambdaSelection = "task",
         scoring_features: int | None = None,
-        tolerance: float | None = 0.5,
+        tolerance: float | None = None,
         old_class_samples: int = 0,
     ) -> RidgeSolution:
         """Add one task's training features and solve, with λ chosen on a held-out fifth of them.

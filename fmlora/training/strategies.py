@@ -61,7 +61,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "fmlora-frozen": _ridge_head,
     "fmlora-no-drift": _ridge_head,
     "fmlora-lambda-tally": _ridge_head,
-    "fmlora-lambda-argmax": _ridge_head,
+    "fmlora-lambda-se": _ridge_head,
     "fmlora-linear": _linear_head,
 }
 
@@ -76,8 +76,8 @@ TRAINING: dict[str, dict[str, Any]] = {
     "fmlora-no-drift": {"adaptation": "continual", "drift_compensation": "none"},
     # λ of the ridge head from held-out hits tallied over tasks instead of each task's fifth alone
     "fmlora-lambda-tally": {"adaptation": "continual", "lambda_selection": "cumulative"},
-    # the defaults, but λ by each task's best held-out count alone (RanPAC's arg-max; the rule before)
-    "fmlora-lambda-argmax": {"lambda_tolerance": None},
+    # the defaults, but λ the largest within half a standard error of the best held-out count
+    "fmlora-lambda-se": {"lambda_tolerance": 0.5},
 }
 
 

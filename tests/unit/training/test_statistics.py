@@ -153,12 +153,12 @@ def test_per_task_lambda_keeps_no_tally_and_takes_the_largest_of_equals():
     x, y = _blobs(3, 20, seed=4)
     candidates = (1e-3, 1e-2, 1e-1)
     stats = ClassStatistics(8, rf)
-    solution = stats.add_task(x, y, ["a", "b", "c"], seed=0, selection="task", candidates=candidates)
+    solution = stats.add_task(x, y, ["a", "b", "c"], seed=0, candidates=candidates, tolerance=0.0)
     # Well-separated blobs: every candidate gets every held-out image right, so the most regularised wins.
     assert solution.held_out_accuracy == 1.0 and solution.relative_lambda == 1e-1
     assert len(stats.lambda_evidence) == 0
     # RanPAC's arg-max keeps the first of equals.
-    argmax = ClassStatistics(8, rf).add_task(x, y, ["a", "b", "c"], seed=0, candidates=candidates, tolerance=None)
+    argmax = ClassStatistics(8, rf).add_task(x, y, ["a", "b", "c"], seed=0, candidates=candidates)
     assert argmax.relative_lambda == 1e-3
 
 
@@ -207,19 +207,19 @@ def test_lambda_is_the_held_out_best_of_explicit_ridge_solves_over_the_whole_hea
     x = x + 2.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))  # overlapping classes
     rf = RandomFeatures(8, 48, seed=5)
     classes = ["a", "b", "c", "d", "e"]
-    chosen = ClassStatistics(8, rf).add_task(x, y, classes, seed=2)
+    chosen = ClassStatistics(8, rf).add_task(x, y, classes, seed=2, tolerance=0.5)
     keep, held = held_out_split(y, seed=2)
     trial = ClassStatistics(8, rf)
     trial.add(x[keep], y[keep], classes)
     hits = [int((trial.logits(x[held], trial.solve(lam)).argmax(1) == y[held]).sum()) for lam in RELATIVE_LAMBDAS]
-    # The default rule: the largest λ within half a standard error of the best held-out count.
+    # The tolerance rule: the largest λ within half a standard error of the best held-out count.
     top = max(hits)
     slack = 0.5 * (top / len(held) * (1 - top / len(held)) / len(held)) ** 0.5 * len(held)
     rule = max(i for i in range(len(hits)) if hits[i] >= top - slack)
     assert chosen.relative_lambda == RELATIVE_LAMBDAS[rule]
     assert chosen.held_out_accuracy == hits[rule] / len(held)
-    # RanPAC's plain arg-max (tolerance None): the first best count, i.e. ties to the smaller λ.
-    argmax = ClassStatistics(8, rf).add_task(x, y, classes, seed=2, tolerance=None)
+    # RanPAC's plain arg-max (the default): the first best count, i.e. ties to the smaller λ.
+    argmax = ClassStatistics(8, rf).add_task(x, y, classes, seed=2)
     assert argmax.relative_lambda == RELATIVE_LAMBDAS[hits.index(top)]
     assert len(set(hits)) > 1  # the candidates really differ here, so the choice was tested
 
