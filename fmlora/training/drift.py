@@ -101,12 +101,7 @@ def _compensate_gram(
     operations instead of about 5M³ (a 4,000-feature head after its first task: ~20x fewer); the
     cheaper route by count is taken.
     """
-    generator = torch.Generator().manual_seed(seed)
-    classes, d = len(statistics.labels), statistics.in_features
-    values, vectors = torch.linalg.eigh(statistics.within_class_covariance())
-    root = vectors * values.clamp_min(0).sqrt()  # root @ rootᵀ = covariance
-    noise = torch.randn(classes, samples, d, generator=generator, dtype=torch.float64)
-    old = (statistics.means.unsqueeze(1) + noise @ root.T).reshape(-1, d)
+    old = statistics.gaussian_samples(range(len(statistics.labels)), samples, seed)
     h_old, h_new = statistics.lift(old), statistics.lift(drift(old))
     weights = (statistics.counts / samples).repeat_interleave(samples)
     n, m = h_old.shape

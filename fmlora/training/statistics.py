@@ -104,9 +104,8 @@ def _most_regularised_within(candidates: Sequence[float], hits: Sequence[float],
     """Index of the largest λ whose held-out hits are within ``tolerance`` standard errors of the best.
 
     A task's held-out fifth is a few dozen images, so neighbouring λ often differ by a hit or two
-    of noise; taking the best count alone swung the choice over decades from task to task and
-    cost final accuracy (README, "the λ rule"). Among candidates the evidence cannot tell apart,
-    the most regularised one is the safer guess."""
+    of noise; among candidates the evidence cannot tell apart, this takes the most regularised.
+    Measured (ARCHITECTURE.md §2): better on glyphs-grating, worse on glyphs-dil, so not the default."""
     best = max(hits)
     p = best / held
     slack = tolerance * math.sqrt(p * (1 - p) / held) * held
@@ -221,13 +220,15 @@ class ClassStatistics:
             raise DataError("the ridge solve did not give finite weights")
         return weight.float()
 
-    def _gaussian_samples(self, columns: Sequence[int], per_class: int, seed: int) -> torch.Tensor:
-        """``per_class`` features of each class in ``columns``, drawn from N(mean, pooled covariance)."""
+    def gaussian_samples(self, columns: Sequence[int], per_class: int, seed: int) -> torch.Tensor:
+        """``per_class`` features (float64) of each class in ``columns``, class by class, drawn from
+        N(class mean, pooled within-class covariance): drift compensation's pseudo-samples, and the
+        λ search's stand-ins for earlier classes."""
         generator = torch.Generator().manual_seed(seed)
         values, vectors = torch.linalg.eigh(self.within_class_covariance())
-        root = vectors * values.clamp_min(0).sqrt()
+        root = vectors * values.clamp_min(0).sqrt()  # root @ rootᵀ = covariance
         noise = torch.randn(len(columns), per_class, self.in_features, generator=generator, dtype=torch.float64)
-        return (self.means[list(columns)].unsqueeze(1) + noise @ root.T).reshape(-1, self.in_features).float()
+        return (self.means[list(columns)].unsqueeze(1) + noise @ root.T).reshape(-1, self.in_features)
 
     def logits(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return (self.lift(features).float() @ weight).float()
@@ -273,9 +274,10 @@ class ClassStatistics:
             block = self.dim if scoring_features is None else max(1, min(scoring_features, self.dim))
             gram, cross = trial.gram[:block, :block], trial.cross[:block]
             h_held = trial.lift(features[held])[:, :block]
-            earlier = [i for i, c in enumerate(self.labels) if c not in set(classes)]
-            if old_class_samples > 0 and earlier:
-                drawn = self._gaussian_samples(earlier, old_class_samples, seed)
+            task_classes = set(classes)
+            earlier = [i for i, c in enumerate(self.labels) if c not in task_classes] if old_class_samples else []
+            if earlier:
+                drawn = self.gaussian_samples(earlier, old_class_samples, seed)
                 h_held = torch.cat([h_held, trial.lift(drawn)[:, :block]])
                 target = torch.cat([target, torch.tensor(earlier).repeat_interleave(old_class_samples)])
             scale = float(gram.diagonal().mean()) or 1.0

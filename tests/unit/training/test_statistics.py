@@ -253,7 +253,7 @@ def test_gaussian_draws_of_earlier_classes_join_the_held_out_fifth_when_asked():
     keep, held = held_out_split(y[second] - 3, seed=2)
     trial = base.copy()
     trial.add(x[second][keep], y[second][keep] - 3, ["d", "e", "f"])
-    drawn = base._gaussian_samples([0, 1, 2], 5, seed=2)
+    drawn = base.gaussian_samples([0, 1, 2], 5, seed=2)
     features = torch.cat([x[second][held], drawn])
     target = torch.cat([y[second][held], torch.arange(3).repeat_interleave(5)])
     hits = [int((trial.logits(features, trial.solve(lam)).argmax(1) == target).sum()) for lam in RELATIVE_LAMBDAS]
@@ -263,4 +263,4 @@ def test_gaussian_draws_of_earlier_classes_join_the_held_out_fifth_when_asked():
         plain.held_out_accuracy * len(held)
     )
     # Draws come from each class's own Gaussian: their mean is near the class mean.
-    assert torch.allclose(base._gaussian_samples([1], 4000, seed=0).double().mean(0), base.means[1], atol=0.15)
+    assert torch.allclose(base.gaussian_samples([1], 4000, seed=0).mean(0), base.means[1], atol=0.15)
