@@ -2,7 +2,8 @@
 [--registry sqlite|postgresql]``.
 
 A home on the tiny random ViT (a weight file, so every process builds the same backbone) gets a queue of
-small tasks; two ``fmlora worker --exit-when-idle`` processes start (one trains, one waits for the lease).
+small tasks (``--tasks``, topped up to three queued until the last kill, so it never drains first); two
+``fmlora worker --exit-when-idle`` processes start (one trains, one waits for the lease).
 Then, until ``--kills`` kills are made: wait for a live worker to hold the lease, wait a random 0.5-4 s,
 SIGKILL the lease holder (its pid is in its worker id) and start a replacement. A holder whose task is on
 its last attempt is spared and another point drawn: a third death fails a task by design (``MAX_ATTEMPTS``,
@@ -39,6 +40,8 @@ from benchmarks.report import write_json
 
 __all__ = ["check", "run"]
 
+# Tasks kept queued until the last kill, so a worker never idles out before it (``--exit-when-idle``).
+QUEUE_DEPTH = 3
 WORKER_OPTIONS = ("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--exit-when-idle")
 
 
@@ -112,19 +115,62 @@ def holder_pid(registry: Any) -> int | None:
         return None
 
 
-def submit_tasks(registry: Any, work: Path, count: int, seed: int) -> list[str]:
-    from fmlora.data.archive import write_task_archive
-    from fmlora.data.images import ConcatImages
-    from fmlora.data.synthetic import make_synthetic_stream
-    from fmlora.registry.intake import submit_task
+class TaskFeed:
+    """The run's tasks, made as they are needed (a chunk of archives at a time) and submitted in order.
 
-    stream = make_synthetic_stream(num_tasks=count, classes_per_task=2, train_per_class=8, test_per_class=2, seed=seed)
-    (work / "archives").mkdir(parents=True, exist_ok=True)
-    ids = []
-    for task in stream:
-        archive = write_task_archive(ConcatImages((task.train, task.test)), work / "archives" / f"{task.name}.zip")
-        ids.append(submit_task(registry, archive, name=task.name, kind="class").id)
-    return ids
+    A tiny task trains in a fraction of a second on a fast machine, so any fixed queue can drain before
+    the kills land; the run keeps a few tasks queued until the last kill instead."""
+
+    CHUNK = 16
+
+    def __init__(self, registry: Any, work: Path, seed: int) -> None:
+        self.registry, self.archives, self.seed = registry, work / "archives", seed
+        self.archives.mkdir(parents=True, exist_ok=True)
+        self.made = 0
+        self.pending: list[tuple[str, Path]] = []
+        self.ids: list[str] = []
+
+    def _make_chunk(self) -> None:
+        from fmlora.data.archive import write_task_archive
+        from fmlora.data.images import ConcatImages, ImageSet
+        from fmlora.data.synthetic import make_synthetic_stream
+
+        chunk = make_synthetic_stream(
+            num_tasks=self.CHUNK, classes_per_task=2, train_per_class=8, test_per_class=2, seed=self.seed + self.made
+        )
+        for task in chunk:
+            # Every chunk's stream counts from task0/t0c0: renumber so names and classes stay unique.
+            number = self.made
+            self.made += 1
+            renamed = [
+                ImageSet(split.images, split.labels, tuple(f"t{number}c{i}" for i in range(len(split.classes))))
+                for split in (task.train, task.test)
+            ]
+            name = f"task{number}"
+            self.pending.append((name, write_task_archive(ConcatImages(renamed), self.archives / f"{name}.zip")))
+
+    def submit(self, count: int) -> None:
+        from fmlora.registry.intake import submit_task
+
+        for _ in range(count):
+            if not self.pending:
+                self._make_chunk()
+            name, archive = self.pending.pop(0)
+            self.ids.append(submit_task(self.registry, archive, name=name, kind="class").id)
+
+    def top_up(self, depth: int) -> None:
+        """Submit until ``depth`` tasks are queued."""
+        queued = len(self.registry.list_tasks(status="queued"))
+        if queued < depth:
+            self.submit(depth - queued)
+
+    def keep_queued(self, depth: int, seconds: float) -> None:
+        """Wait ``seconds``, topping up as the worker drains the queue (a tiny task trains in a fraction of
+        a second, so the queue can empty within one wait)."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            self.top_up(depth)
+            time.sleep(min(0.05, left))
 
 
 def check(registry: Any, ids: list[str]) -> dict[str, Any]:
@@ -211,7 +257,8 @@ def run(
     tasks = tasks if tasks is not None else kills + 10
     started = time.monotonic()
     registry = Registry.open(work / "home", tiny_file_config(work / "backbone"), registry_url=registry_url)
-    ids = submit_tasks(registry, work, tasks, seed)
+    feed = TaskFeed(registry, work, seed)
+    feed.submit(tasks)
     workers = Workers(work / "home", work / "logs", lease_ttl, registry_url)
     events: list[dict[str, Any]] = []
     ran_out = False
@@ -223,15 +270,16 @@ def run(
         while len(events) < kills:
             if time.monotonic() - started > timeout_s:
                 raise TimeoutError(f"{len(events)} of {kills} kills after {timeout_s} s")
+            feed.top_up(QUEUE_DEPTH)
             alive = workers.alive()
             if not alive:
-                ran_out = True  # the queue drained before enough kills: submit more tasks
+                ran_out = True  # every worker exited before enough kills (a crash: the queue is kept full)
                 break
             pid = holder_pid(registry)
             if pid not in alive:
                 time.sleep(0.05)
                 continue
-            time.sleep(rng.uniform(0.5, 4.0))
+            feed.keep_queued(QUEUE_DEPTH, rng.uniform(0.5, 4.0))
             pid = holder_pid(registry)
             if pid not in workers.alive():
                 continue
@@ -261,7 +309,7 @@ def run(
         seconds = time.monotonic() - t0
     finally:
         exits = workers.close()
-    figures = check(registry, ids)
+    figures = check(registry, feed.ids)
     killed = {e["pid"] for e in events}
     figures["checks"]["kills_made"] = len(events) == kills
     figures["checks"]["survivors_exited_cleanly"] = all(rc == 0 for pid, rc in exits.items() if pid not in killed)
@@ -302,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.standby", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--tasks", type=int, default=None, help="tasks submitted (default: kills + 10)")
+    parser.add_argument(
+        "--tasks",
+        type=int,
+        default=None,
+        help="tasks queued at the start (default: kills + 10); topped up to 3 queued until the last kill",
+    )
     parser.add_argument("--registry", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--lease-ttl", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -7,20 +7,20 @@ from __future__ import annotations
 from benchmarks.standby import run
 from tests.integration.registry.services import registry_url  # noqa: F401 - fixture
 
-TASKS = 24
+TASKS = 8
 
 
 def test_three_kills_of_the_active_worker_lose_nothing(registry_url: str | None) -> None:  # noqa: F811
-    # Enough tasks that three kills land before the queue drains (a tiny task takes about a second).
+    # The run keeps tasks queued until the last kill, so the kills land however fast tiny tasks train.
     result = run(kills=3, tasks=TASKS, seed=1, timeout_s=600, registry_url=registry_url)
     assert result["registry"] == ("sqlite" if registry_url is None else "postgresql")
     assert result["kills_made"] == 3 and not result["ran_out_of_tasks"]
     assert result["workers_started"] == 2 + 3
     tasks = result["tasks"]
-    assert tasks["submitted"] == TASKS and tasks["lost"] == 0 and tasks["queued"] == tasks["mid_training"] == 0
+    assert tasks["submitted"] >= TASKS and tasks["lost"] == 0 and tasks["queued"] == tasks["mid_training"] == 0
     assert tasks["failed"] == 0  # a holder on its task's last attempt is spared, so no task hits the guard
-    assert tasks["live"] + tasks["rejected"] == TASKS
+    assert tasks["live"] + tasks["rejected"] == tasks["submitted"]
     versions = result["versions"]
-    assert versions["count"] == TASKS and versions["strictly_increasing"] and versions["duplicates"] == []
+    assert versions["count"] == tasks["submitted"] and versions["strictly_increasing"] and versions["duplicates"] == []
     assert versions["partial_snapshots"] == [] and versions["recorded_without_objects"] == []
     assert all(result["checks"].values()) and result["passed"]
