@@ -67,6 +67,11 @@ class TrainConfig(FrozenConfig):
     # The held-out fifth holds only the task's own classes: this many features per earlier class,
     # drawn from its Gaussian (class mean, pooled covariance), join it, so λ also answers for them.
     lambda_old_class_samples: int = Field(0, ge=0)
+    # "task": the held-out hits of each candidate averaged with its neighbours on the log-λ grid
+    # (weights 1-2-1 over this many candidates either side) before the arg-max: a single λ that
+    # wins by a hit or two between worse neighbours is more often noise than a real optimum.
+    # 0 (default): no smoothing (``fmlora-lambda-smooth``: 1).
+    lambda_smoothing: int = Field(0, ge=0)
     # λ scored on a head of only this many of the random features (exactly their block of the Gram
     # matrix), which is cheaper; None scores on the whole head. At 4,000 features a 2,000 block
     # picked too small a λ on glyphs-dil (README, "What did not work"), so None is the default.

@@ -261,6 +261,7 @@ class Learner:
                 scoring_features=cfg.lambda_scoring_features,
                 tolerance=cfg.lambda_tolerance,
                 old_class_samples=cfg.lambda_old_class_samples,
+                smoothing=cfg.lambda_smoothing,
             )
         record = model.end_task(features.mean(0), task_key)
         if solution is not None and statistics is not None:

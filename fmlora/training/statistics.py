@@ -112,6 +112,19 @@ def _most_regularised_within(candidates: Sequence[float], hits: Sequence[float],
     return max((i for i in range(len(candidates)) if hits[i] >= best - slack), key=lambda i: candidates[i])
 
 
+def _smoothed(hits: Sequence[float], width: int) -> list[float]:
+    """Each candidate's hits averaged with ``width`` neighbours either side on the log-λ grid, with
+    binomial (1-2-1, 1-4-6-4-1, ...) weights renormalised at the grid's ends."""
+    if width <= 0:
+        return list(hits)
+    weights = [math.comb(2 * width, k) for k in range(2 * width + 1)]
+    out = []
+    for i in range(len(hits)):
+        pairs = [(weights[k], hits[i + k - width]) for k in range(2 * width + 1) if 0 <= i + k - width < len(hits)]
+        out.append(sum(w * h for w, h in pairs) / sum(w for w, _ in pairs))
+    return out
+
+
 def _upper_triangle(matrix: torch.Tensor) -> torch.Tensor:
     rows, cols = torch.triu_indices(len(matrix), len(matrix))
     return matrix[rows, cols]
@@ -245,6 +258,7 @@ class ClassStatistics:
         scoring_features: int | None = None,
         tolerance: float | None = None,
         old_class_samples: int = 0,
+        smoothing: int = 0,
     ) -> RidgeSolution:
         """Add one task's training features and solve, with λ chosen on a held-out fifth of them.
 
@@ -262,6 +276,10 @@ class ClassStatistics:
         them can still cost the earlier ones; this many features per earlier class (not in this
         task), drawn from its Gaussian (class mean, pooled within-class covariance), join the
         held-out set. 0: the task's own images only.
+
+        ``smoothing`` (``selection="task"``): the hits are averaged over this many neighbouring
+        candidates either side (binomial weights) before the choice; the reported accuracy stays the
+        chosen λ's own.
         """
         if candidates is None:
             candidates = CUMULATIVE_LAMBDAS if selection == "cumulative" else RELATIVE_LAMBDAS
@@ -319,10 +337,11 @@ class ClassStatistics:
             best = max(range(len(candidates)), key=lambda i: (tally[i], i))
             lam, accuracy = candidates[best], hits[best] / len(target)
         else:
+            evidence = _smoothed(hits, smoothing)
             if tolerance is None:
-                best = max(range(len(candidates)), key=lambda i: (hits[i], -i))
+                best = max(range(len(candidates)), key=lambda i: (evidence[i], -i))
             else:
-                best = _most_regularised_within(candidates, hits, len(target), tolerance)
+                best = _most_regularised_within(candidates, evidence, len(target), tolerance)
             lam, accuracy = candidates[best], hits[best] / len(target)
         return RidgeSolution(self.solve(lam), lam, accuracy)
 

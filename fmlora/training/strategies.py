@@ -62,6 +62,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "fmlora-no-drift": _ridge_head,
     "fmlora-lambda-tally": _ridge_head,
     "fmlora-lambda-se": _ridge_head,
+    "fmlora-lambda-smooth": _ridge_head,
     "fmlora-linear": _linear_head,
 }
 
@@ -78,6 +79,8 @@ TRAINING: dict[str, dict[str, Any]] = {
     "fmlora-lambda-tally": {"adaptation": "continual", "lambda_selection": "cumulative"},
     # the defaults, but λ the largest within half a standard error of the best held-out count
     "fmlora-lambda-se": {"lambda_tolerance": 0.5},
+    # the defaults, but each candidate's held-out hits averaged with its neighbours' before the arg-max
+    "fmlora-lambda-smooth": {"lambda_smoothing": 1},
 }
 
 

@@ -264,3 +264,35 @@ def test_gaussian_draws_of_earlier_classes_join_the_held_out_fifth_when_asked():
     )
     # Draws come from each class's own Gaussian: their mean is near the class mean.
     assert torch.allclose(base.gaussian_samples([1], 4000, seed=0).mean(0), base.means[1], atol=0.15)
+
+
+def test_smoothing_averages_each_candidates_hits_with_its_neighbours_on_the_grid():
+    from fmlora.training.statistics import _smoothed
+
+    # A lone spike between poor neighbours loses to a broad plateau once smoothed (1-2-1 weights).
+    hits = (40, 61, 40, 58, 59, 58)
+    smoothed = _smoothed(hits, 1)
+    assert smoothed[1] == pytest.approx((40 + 2 * 61 + 40) / 4)
+    assert smoothed[4] == pytest.approx((58 + 2 * 59 + 58) / 4)
+    assert smoothed[0] == pytest.approx((2 * 40 + 61) / 3)  # renormalised at the grid's end
+    assert max(range(6), key=lambda i: smoothed[i]) == 4 and max(range(6), key=lambda i: hits[i]) == 1
+    assert _smoothed(hits, 0) == list(hits)
+    assert _smoothed(hits, 2)[2] == pytest.approx((40 + 4 * 61 + 6 * 40 + 4 * 58 + 59) / 16)
+
+
+def test_smoothed_lambda_is_the_arg_max_of_the_smoothed_held_out_hits():
+    from fmlora.training.statistics import RELATIVE_LAMBDAS, _smoothed
+
+    x, y = _blobs(5, 16, seed=6)
+    x = x + 2.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    rf = RandomFeatures(8, 48, seed=5)
+    classes = ["a", "b", "c", "d", "e"]
+    chosen = ClassStatistics(8, rf).add_task(x, y, classes, seed=2, smoothing=1)
+    keep, held = held_out_split(y, seed=2)
+    trial = ClassStatistics(8, rf)
+    trial.add(x[keep], y[keep], classes)
+    hits = [int((trial.logits(x[held], trial.solve(lam)).argmax(1) == y[held]).sum()) for lam in RELATIVE_LAMBDAS]
+    smoothed = _smoothed(hits, 1)
+    best = max(range(len(hits)), key=lambda i: (smoothed[i], -i))
+    assert chosen.relative_lambda == RELATIVE_LAMBDAS[best]
+    assert chosen.held_out_accuracy == hits[best] / len(held)  # the chosen λ's own accuracy, not smoothed
