@@ -8,9 +8,10 @@ from pydantic import Field
 
 from fmlora.model.config import FrozenConfig
 
-__all__ = ["LambdaSelection", "TrainConfig"]
+__all__ = ["LambdaScoring", "LambdaSelection", "TrainConfig"]
 
 LambdaSelection = Literal["task", "cumulative"]
+LambdaScoring = Literal["held_out", "leave_one_out"]
 
 
 class TrainConfig(FrozenConfig):
@@ -60,6 +61,10 @@ class TrainConfig(FrozenConfig):
     # "task" decides on this task's held-out fifth alone (RanPAC's recipe); "cumulative" tallies every
     # task's held-out hits per candidate (steadier, but measured no better with adaptation: README).
     lambda_selection: LambdaSelection = "task"
+    # What each candidate λ is scored on: "held_out" solves without a fifth of the task's images and
+    # counts hits on that fifth (RanPAC); "leave_one_out" counts, for every image of the task (up to
+    # 800), the hit of the whole head with that image left out (closed form, one solve per candidate).
+    lambda_scoring: LambdaScoring = "held_out"
     # "task": None (default) is RanPAC's plain arg-max of the held-out hits (ties to the smaller λ); a
     # number takes the largest λ within that many standard errors of the best count instead
     # (``fmlora-lambda-se``: 0.5; measured better on glyphs-grating, worse on glyphs-dil, so off).

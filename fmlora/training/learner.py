@@ -262,6 +262,7 @@ class Learner:
                 tolerance=cfg.lambda_tolerance,
                 old_class_samples=cfg.lambda_old_class_samples,
                 smoothing=cfg.lambda_smoothing,
+                scoring=cfg.lambda_scoring,
             )
         record = model.end_task(features.mean(0), task_key)
         if solution is not None and statistics is not None:

@@ -23,7 +23,7 @@ lose precision.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,7 @@ import torch
 from fmlora.errors import DataError
 from fmlora.model.head import RandomFeatures
 
-from .config import LambdaSelection
+from .config import LambdaScoring, LambdaSelection
 
 __all__ = [
     "CUMULATIVE_LAMBDAS",
@@ -49,6 +49,9 @@ RELATIVE_LAMBDAS: tuple[float, ...] = tuple(10.0**k for k in range(-6, 3))
 # gives the same held-out hits as float64 (checked on every glyph task's trial head at 4,000
 # features: identical counts from 1e-3 up, different ones below), at half the cost.
 SINGLE_PRECISION_LAMBDA = 1e-3
+# Leave-one-out scoring looks at up to this many of a task's images (a per-class share of them): each
+# is one more right-hand side of every candidate's solve.
+LEAVE_ONE_OUT_IMAGES = 800
 # The same range in half decades: a tally over many tasks can tell finer steps apart.
 CUMULATIVE_LAMBDAS: tuple[float, ...] = tuple(10.0 ** (k / 2) for k in range(-12, 5))
 
@@ -98,6 +101,34 @@ def _ridge_solution(system: torch.Tensor, cross: torch.Tensor, *, lu_fallback: b
         return torch.linalg.solve(system, cross)
     except torch.linalg.LinAlgError:
         return None
+
+
+def _candidate_solutions(
+    gram: torch.Tensor, rhs: torch.Tensor, candidates: Sequence[float]
+) -> Iterator[torch.Tensor | None]:
+    """``(G + λI)⁻¹ rhs`` for each candidate (λ relative to the mean diagonal of G), or None where it
+    is numerically singular; in float32 from ``SINGLE_PRECISION_LAMBDA`` up, else (and on any
+    float32 failure) in float64.
+
+    One Cholesky factorisation per candidate: at 4,000 features nine of them take a third of the
+    time of the one eigendecomposition that would serve them all (2.7 s vs 9 s). G + λI is built in
+    one reused buffer: a fresh pair of 128 MB matrices per candidate cost a sixth of the search."""
+    scale = float(gram.diagonal().mean()) or 1.0
+    double = (gram, rhs)
+    single = (gram.float(), rhs.float())
+    buffers = {torch.float64: torch.empty_like(gram), torch.float32: torch.empty_like(single[0])}
+    for lam in candidates:
+        tries = (single, double) if lam >= SINGLE_PRECISION_LAMBDA else (double,)
+        found = None
+        for g, r in tries:
+            system = buffers[g.dtype]
+            system.copy_(g)
+            system.diagonal().add_(lam * scale)
+            solution = _ridge_solution(system, r, lu_fallback=g.dtype == torch.float64)
+            if solution is not None and bool(torch.isfinite(solution).all()):
+                found = solution
+                break
+        yield found
 
 
 def _most_regularised_within(candidates: Sequence[float], hits: Sequence[float], held: int, tolerance: float) -> int:
@@ -213,7 +244,11 @@ class ClassStatistics:
 
     def add(self, features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
         """Add a batch: ``labels`` index into ``classes`` (the batch's own class list)."""
-        columns, gram, h, y = self.contributions(features, labels, classes)
+        self._accumulate(features, *self.contributions(features, labels, classes))
+
+    def _accumulate(
+        self, features: torch.Tensor, columns: torch.Tensor, gram: torch.Tensor, h: torch.Tensor, y: torch.Tensor
+    ) -> None:
         self.gram += gram
         self.cross += h.T @ y
         self.counts.index_add_(0, columns, torch.ones(len(columns), dtype=torch.float64))
@@ -259,6 +294,7 @@ class ClassStatistics:
         tolerance: float | None = None,
         old_class_samples: int = 0,
         smoothing: int = 0,
+        scoring: LambdaScoring = "held_out",
     ) -> RidgeSolution:
         """Add one task's training features and solve, with λ chosen on a held-out fifth of them.
 
@@ -280,53 +316,25 @@ class ClassStatistics:
         ``smoothing`` (``selection="task"``): the hits are averaged over this many neighbouring
         candidates either side (binomial weights) before the choice; the reported accuracy stays the
         chosen λ's own.
+
+        ``scoring``: ``"held_out"`` solves without a held-out fifth of the task and scores on it
+        (RanPAC); ``"leave_one_out"`` scores every image (up to ``LEAVE_ONE_OUT_IMAGES``) against the
+        whole head with that one image left out, in closed form (``_leave_one_out_hits``).
         """
         if candidates is None:
             candidates = CUMULATIVE_LAMBDAS if selection == "cumulative" else RELATIVE_LAMBDAS
-        keep, held = held_out_split(labels, seed=seed)
         hits: list[float] = []
-        if len(held) > 0 and len(candidates) > 1:
-            trial = self.copy()
-            trial.add(features[keep], labels[keep], classes)
-            target = trial._columns(classes)[labels[held]]
-            block = self.dim if scoring_features is None else max(1, min(scoring_features, self.dim))
-            gram, cross = trial.gram[:block, :block], trial.cross[:block]
-            h_held = trial.lift(features[held])[:, :block]
-            task_classes = set(classes)
-            earlier = [i for i, c in enumerate(self.labels) if c not in task_classes] if old_class_samples else []
-            if earlier:
-                drawn = self.gaussian_samples(earlier, old_class_samples, seed)
-                h_held = torch.cat([h_held, trial.lift(drawn)[:, :block]])
-                target = torch.cat([target, torch.tensor(earlier).repeat_interleave(old_class_samples)])
-            scale = float(gram.diagonal().mean()) or 1.0
-            # One Cholesky factorisation per candidate: at 4,000 features nine of them take a third
-            # of the time of the one eigendecomposition that would serve them all (2.7 s vs 9 s).
-            # G + λI is built in one reused buffer: a fresh pair of 128 MB matrices per candidate
-            # cost a sixth of the whole search.
-            # Candidates from SINGLE_PRECISION_LAMBDA up are scored in float32, about twice as fast;
-            # smaller ones (G + λI badly conditioned) and any float32 failure in float64.
-            double = (gram, cross, h_held)
-            single = (gram.float(), cross.float(), h_held.float())
-            buffers = {torch.float64: torch.empty_like(gram), torch.float32: torch.empty_like(single[0])}
-            for lam in candidates:
-                tries = (single, double) if lam >= SINGLE_PRECISION_LAMBDA else (double,)
-                scores = None
-                for g, q, h in tries:
-                    system = buffers[g.dtype]
-                    system.copy_(g)
-                    system.diagonal().add_(lam * scale)
-                    weight = _ridge_solution(system, q, lu_fallback=g.dtype == torch.float64)
-                    if weight is not None and bool(torch.isfinite(weight).all()):
-                        scores = h @ weight
-                        break
-                # None: numerically singular at this λ, so it cannot be chosen
-                hits.append(0.0 if scores is None else float((scores.argmax(dim=1) == target).double().sum()))
-            del buffers, single
-            # The whole task is the trial plus its held-out fifth: only the fifth is lifted again.
-            trial.add(features[held], labels[held], classes)
-            self.replace_with(trial)
-        else:
+        total = 0
+        if len(candidates) < 2:
             self.add(features, labels, classes)
+        elif scoring == "leave_one_out":
+            hits, total = self._leave_one_out_hits(
+                features, labels, classes, candidates, seed, scoring_features, old_class_samples
+            )
+        else:
+            hits, total = self._held_out_hits(
+                features, labels, classes, candidates, seed, scoring_features, old_class_samples
+            )
         if not hits:
             lam, accuracy = candidates[len(candidates) // 2], None
         elif selection == "cumulative":
@@ -335,15 +343,109 @@ class ClassStatistics:
             self.lambda_evidence += torch.tensor(hits, dtype=torch.float64)
             tally = self.lambda_evidence.tolist()
             best = max(range(len(candidates)), key=lambda i: (tally[i], i))
-            lam, accuracy = candidates[best], hits[best] / len(target)
+            lam, accuracy = candidates[best], hits[best] / total
         else:
             evidence = _smoothed(hits, smoothing)
             if tolerance is None:
                 best = max(range(len(candidates)), key=lambda i: (evidence[i], -i))
             else:
-                best = _most_regularised_within(candidates, evidence, len(target), tolerance)
-            lam, accuracy = candidates[best], hits[best] / len(target)
+                best = _most_regularised_within(candidates, evidence, total, tolerance)
+            lam, accuracy = candidates[best], hits[best] / total
         return RidgeSolution(self.solve(lam), lam, accuracy)
+
+    def _earlier_class_draws(
+        self, classes: Sequence[str], per_class: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``per_class`` Gaussian draws of every earlier class not in ``classes``, with their columns."""
+        task_classes = set(classes)
+        earlier = [i for i, c in enumerate(self.labels) if c not in task_classes] if per_class else []
+        if not earlier:
+            return None
+        drawn = self.gaussian_samples(earlier, per_class, seed)
+        return drawn, torch.tensor(earlier).repeat_interleave(per_class)
+
+    def _held_out_hits(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        classes: Sequence[str],
+        candidates: Sequence[float],
+        seed: int,
+        scoring_features: int | None,
+        old_class_samples: int,
+    ) -> tuple[list[float], int]:
+        """Add the task; return each candidate's hits on a held-out fifth of it (solved without that
+        fifth) and the number of images scored. Nothing is scored when no class has two images."""
+        keep, held = held_out_split(labels, seed=seed)
+        if len(held) == 0:
+            self.add(features, labels, classes)
+            return [], 0
+        trial = self.copy()
+        trial.add(features[keep], labels[keep], classes)
+        target = trial._columns(classes)[labels[held]]
+        block = self.dim if scoring_features is None else max(1, min(scoring_features, self.dim))
+        h_held = trial.lift(features[held])[:, :block]
+        draws = self._earlier_class_draws(classes, old_class_samples, seed)
+        if draws is not None:
+            h_held = torch.cat([h_held, trial.lift(draws[0])[:, :block]])
+            target = torch.cat([target, draws[1]])
+        hits = []
+        for solution in _candidate_solutions(trial.gram[:block, :block], trial.cross[:block], candidates):
+            # None: numerically singular at this λ, so it cannot be chosen
+            if solution is None:
+                hits.append(0.0)
+            else:
+                hits.append(float(((h_held.to(solution.dtype) @ solution).argmax(dim=1) == target).sum()))
+        # The whole task is the trial plus its held-out fifth: only the fifth is lifted again.
+        trial.add(features[held], labels[held], classes)
+        self.replace_with(trial)
+        return hits, len(target)
+
+    def _leave_one_out_hits(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        classes: Sequence[str],
+        candidates: Sequence[float],
+        seed: int,
+        scoring_features: int | None,
+        old_class_samples: int,
+    ) -> tuple[list[float], int]:
+        """Add the task; return each candidate's leave-one-out hits on (up to ``LEAVE_ONE_OUT_IMAGES``
+        of) the task's images, from the whole statistics, and the number of images scored.
+
+        Leaving image i out of a ridge fit changes its prediction in closed form: with leverage
+        ``H_ii = h_iᵀ (G + λI)⁻¹ h_i``, the left-out prediction is ``(ŷ_i − H_ii y_i) / (1 − H_ii)``,
+        whose arg-max is that of ``ŷ_i − H_ii y_i``. So one solve per candidate, with the scored
+        images' features as extra right-hand sides, scores every image against a head solved from
+        all the others: five times the evidence of a held-out fifth, and no smaller trial head whose
+        best λ differs from the whole one's."""
+        draws = self._earlier_class_draws(classes, old_class_samples, seed)
+        columns, gram, h, onehot = self.contributions(features, labels, classes)
+        self._accumulate(features, columns, gram, h, onehot)
+        fraction = min(1.0, LEAVE_ONE_OUT_IMAGES / len(labels))
+        scored = torch.arange(len(labels)) if fraction >= 1.0 else held_out_split(labels, fraction, seed)[1]
+        block = self.dim if scoring_features is None else max(1, min(scoring_features, self.dim))
+        h_scored, target = h[scored, :block], columns[scored]
+        h_drawn = None if draws is None else self.lift(draws[0])[:, :block]
+        classes_now = self.cross.shape[1]
+        rhs = torch.cat([self.cross[:block], h_scored.T], dim=1)
+        rows = torch.arange(len(scored))
+        hits = []
+        for solution in _candidate_solutions(self.gram[:block, :block], rhs, candidates):
+            if solution is None:
+                hits.append(0.0)
+                continue
+            weight = solution[:, :classes_now]
+            h_s = h_scored.to(solution.dtype)
+            leverage = (h_s * solution[:, classes_now:].T).sum(dim=1)
+            left_out = h_s @ weight
+            left_out[rows, target] -= leverage
+            count = (left_out.argmax(dim=1) == target).sum()
+            if h_drawn is not None and draws is not None:
+                count = count + ((h_drawn.to(solution.dtype) @ weight).argmax(dim=1) == draws[1]).sum()
+            hits.append(float(count))
+        return hits, len(scored) + (0 if draws is None else len(draws[1]))
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         """Tensors and a JSON-able meta dict that restore these statistics exactly (worker state)."""

@@ -63,6 +63,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "fmlora-lambda-tally": _ridge_head,
     "fmlora-lambda-se": _ridge_head,
     "fmlora-lambda-smooth": _ridge_head,
+    "fmlora-lambda-loo": _ridge_head,
     "fmlora-linear": _linear_head,
 }
 
@@ -81,6 +82,8 @@ TRAINING: dict[str, dict[str, Any]] = {
     "fmlora-lambda-se": {"lambda_tolerance": 0.5},
     # the defaults, but each candidate's held-out hits averaged with its neighbours' before the arg-max
     "fmlora-lambda-smooth": {"lambda_smoothing": 1},
+    # the defaults, but λ scored by leave-one-out hits on every image of the task, not a held-out fifth
+    "fmlora-lambda-loo": {"lambda_scoring": "leave_one_out"},
 }
 
 

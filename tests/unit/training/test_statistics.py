@@ -296,3 +296,34 @@ def test_smoothed_lambda_is_the_arg_max_of_the_smoothed_held_out_hits():
     best = max(range(len(hits)), key=lambda i: (smoothed[i], -i))
     assert chosen.relative_lambda == RELATIVE_LAMBDAS[best]
     assert chosen.held_out_accuracy == hits[best] / len(held)  # the chosen λ's own accuracy, not smoothed
+
+
+def test_leave_one_out_hits_are_those_of_explicit_refits_without_each_image():
+    from fmlora.training.statistics import RELATIVE_LAMBDAS
+
+    rf = RandomFeatures(8, 48, seed=5)
+    x, y = _blobs(6, 12, seed=10)
+    x = x + 2.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
+    first, second = y < 3, y >= 3
+    base = ClassStatistics(8, rf)
+    base.add(x[first], y[first], ["a", "b", "c"])
+    task_x, task_y = x[second], y[second] - 3
+    chosen = base.copy().add_task(task_x, task_y, ["d", "e", "f"], seed=2, scoring="leave_one_out")
+    # By hand: for every image of the task, the head solved from everything else, scored on it.
+    hits = []
+    for lam in RELATIVE_LAMBDAS:
+        whole = base.copy()
+        whole.add(task_x, task_y, ["d", "e", "f"])
+        scale = float(whole.gram.diagonal().mean())  # λ is relative to the whole statistics' G
+        count = 0
+        for i in range(len(task_y)):
+            rest = torch.arange(len(task_y)) != i
+            refit = base.copy()
+            refit.add(task_x[rest], task_y[rest], ["d", "e", "f"])
+            system = refit.gram + lam * scale * torch.eye(refit.dim, dtype=torch.float64)
+            weight = torch.linalg.solve(system, refit.cross)
+            count += int((refit.lift(task_x[i : i + 1]) @ weight).argmax() == task_y[i] + 3)
+        hits.append(count)
+    assert len(set(hits)) > 1  # the candidates differ, so the choice is tested
+    assert chosen.relative_lambda == RELATIVE_LAMBDAS[hits.index(max(hits))]
+    assert chosen.held_out_accuracy == max(hits) / len(task_y)
