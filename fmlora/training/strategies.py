@@ -63,7 +63,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "fmlora-lambda-tally": _ridge_head,
     "fmlora-lambda-se": _ridge_head,
     "fmlora-lambda-smooth": _ridge_head,
-    "fmlora-lambda-loo": _ridge_head,
+    "fmlora-lambda-held-out": _ridge_head,
     "fmlora-linear": _linear_head,
 }
 
@@ -77,13 +77,13 @@ TRAINING: dict[str, dict[str, Any]] = {
     # adapt on every task but keep earlier classes' statistics as taken (no drift compensation)
     "fmlora-no-drift": {"adaptation": "continual", "drift_compensation": "none"},
     # λ of the ridge head from held-out hits tallied over tasks instead of each task's fifth alone
-    "fmlora-lambda-tally": {"adaptation": "continual", "lambda_selection": "cumulative"},
-    # the defaults, but λ the largest within half a standard error of the best held-out count
-    "fmlora-lambda-se": {"lambda_tolerance": 0.5},
-    # the defaults, but each candidate's held-out hits averaged with its neighbours' before the arg-max
-    "fmlora-lambda-smooth": {"lambda_smoothing": 1},
-    # the defaults, but λ scored by leave-one-out hits on every image of the task, not a held-out fifth
-    "fmlora-lambda-loo": {"lambda_scoring": "leave_one_out"},
+    "fmlora-lambda-tally": {"adaptation": "continual", "lambda_selection": "cumulative", "lambda_scoring": "held_out"},
+    # λ scored on a held-out fifth of the task (RanPAC's recipe; the default before leave-one-out)
+    "fmlora-lambda-held-out": {"lambda_scoring": "held_out"},
+    # that, with λ the largest within half a standard error of the best held-out count
+    "fmlora-lambda-se": {"lambda_scoring": "held_out", "lambda_tolerance": 0.5},
+    # that, with each candidate's held-out hits averaged with its neighbours' before the arg-max
+    "fmlora-lambda-smooth": {"lambda_scoring": "held_out", "lambda_smoothing": 1},
 }
 
 
