@@ -61,6 +61,7 @@ def run_baseline(
                 seed=seed * 1009 + t,
                 selection="task",
                 tolerance=None,
+                scoring="held_out",
             )
             lambdas.append(solution.relative_lambda)
             scores = [stats.logits(f, solution.weight) for f in test_features[: t + 1]]

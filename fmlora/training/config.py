@@ -58,8 +58,8 @@ class TrainConfig(FrozenConfig):
     drift_ridge: float = Field(0.1, ge=0)
     drift_samples: int = Field(32, ge=1)
     # How the ridge head's λ is chosen on held-out training images (fmlora/training/statistics.py):
-    # "task" decides on this task's held-out fifth alone (RanPAC's recipe); "cumulative" tallies every
-    # task's held-out hits per candidate (steadier, but measured no better with adaptation: README).
+    # "task" decides on this task's hits alone (RanPAC's recipe); "cumulative" tallies every
+    # task's hits per candidate (steadier, but measured no better with adaptation: README).
     lambda_selection: LambdaSelection = "task"
     # What each candidate λ is scored on: "leave_one_out" counts, for every image of the task (up to
     # 800), the hit of the whole head with that image left out (closed form, one solve per candidate);
@@ -71,7 +71,7 @@ class TrainConfig(FrozenConfig):
     # number takes the largest λ within that many standard errors of the best count instead
     # (``fmlora-lambda-se``: 0.5; measured better on glyphs-grating, worse on glyphs-dil, so off).
     lambda_tolerance: float | None = Field(None, ge=0)
-    # The held-out fifth holds only the task's own classes: this many features per earlier class,
+    # The scored images are all of the task's own classes: this many features per earlier class,
     # drawn from its Gaussian (class mean, pooled covariance), join it, so λ also answers for them.
     lambda_old_class_samples: int = Field(0, ge=0)
     # "task": the held-out hits of each candidate averaged with its neighbours on the log-λ grid

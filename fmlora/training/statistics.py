@@ -8,16 +8,17 @@ ridge head). They grow with the number of classes (Q gains a column per class, t
 never with the number of images, and they add up across tasks: a domain-incremental task adds to its
 classes' columns. ``P`` is regenerated from a seed, never stored.
 
-The ridge weights are ``W = (G + λI)⁻¹ Q``. λ is chosen on held-out *training* data: the statistics
-of the task's training images minus a held-out fifth are solved for each candidate λ and scored on
-that fifth (over every class seen so far), then the whole task is added. ``selection="task"`` decides
-on this task alone (RanPAC's recipe: the best held-out count; ``tolerance`` takes the largest λ
-within that many standard errors of it instead); ``"cumulative"`` adds each task's held-out
-hits per candidate to a running tally kept with the statistics and takes the best of the tally (ties:
-the larger λ). One task's fifth is a few dozen images, all of them of the newest classes, so a
-per-task choice swings over decades from task to task (1e-6 to 100 on the glyph stream); the tally
-settles as evidence accumulates. Sums are kept in float64, so accumulation over many tasks does not
-lose precision.
+The ridge weights are ``W = (G + λI)⁻¹ Q``. λ is chosen on the task's *training* images, scored
+one of two ways (``add_task``'s ``scoring``): ``"held_out"`` solves without a held-out fifth of the
+task and counts hits on that fifth (RanPAC's recipe); ``"leave_one_out"`` (the pipeline's default,
+``TrainConfig.lambda_scoring``) counts, for each of the task's images, the hit of the whole head
+solved without that image, in closed form (``_leave_one_out_hits``). ``selection="task"`` decides on
+this task alone (the best count; ``tolerance`` takes the largest λ within that many standard errors
+of it instead); ``"cumulative"`` adds each task's hits per candidate to a running tally kept with the
+statistics and takes the best of the tally (ties: the larger λ). A fifth is a few dozen images, all
+of the newest classes, so a per-task held-out choice swings over decades from task to task (1e-6 to
+100 on the glyph stream); leave-one-out scores five times as many and the head that is published.
+Sums are kept in float64, so accumulation over many tasks does not lose precision.
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ class ClassStatistics:
         smoothing: int = 0,
         scoring: LambdaScoring = "held_out",
     ) -> RidgeSolution:
-        """Add one task's training features and solve, with λ chosen on a held-out fifth of them.
+        """Add one task's training features and solve, with λ chosen on them (``scoring``, below).
 
         ``scoring_features``: score the candidates on the head made of only the first that many
         random features (the leading block of G is exactly their Gram matrix); None: on the whole
