@@ -57,7 +57,7 @@ class TrainConfig(FrozenConfig):
     novel_task_error: float = Field(0.5, gt=0, le=1)
     drift_ridge: float = Field(0.1, ge=0)
     drift_samples: int = Field(32, ge=1)
-    # How the ridge head's λ is chosen on held-out training images (fmlora/training/statistics.py):
+    # How the ridge head's λ is chosen on training images (fmlora/training/statistics.py):
     # "task" decides on this task's hits alone (RanPAC's recipe); "cumulative" tallies every
     # task's hits per candidate (steadier, but measured no better with adaptation: README).
     lambda_selection: LambdaSelection = "task"
