@@ -354,6 +354,10 @@ class ClassStatistics:
             lam, accuracy = candidates[best], hits[best] / total
         return RidgeSolution(self.solve(lam), lam, accuracy)
 
+    def _scoring_block(self, scoring_features: int | None) -> int:
+        """How many leading random features the λ candidates are scored on (all when None)."""
+        return self.dim if scoring_features is None else max(1, min(scoring_features, self.dim))
+
     def _earlier_class_draws(
         self, classes: Sequence[str], per_class: int, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -384,7 +388,7 @@ class ClassStatistics:
         trial = self.copy()
         trial.add(features[keep], labels[keep], classes)
         target = trial._columns(classes)[labels[held]]
-        block = self.dim if scoring_features is None else max(1, min(scoring_features, self.dim))
+        block = self._scoring_block(scoring_features)
         h_held = trial.lift(features[held])[:, :block]
         draws = self._earlier_class_draws(classes, old_class_samples, seed)
         if draws is not None:
@@ -426,9 +430,9 @@ class ClassStatistics:
         self._accumulate(features, columns, gram, h, onehot)
         fraction = min(1.0, LEAVE_ONE_OUT_IMAGES / len(labels))
         scored = torch.arange(len(labels)) if fraction >= 1.0 else held_out_split(labels, fraction, seed)[1]
-        block = self.dim if scoring_features is None else max(1, min(scoring_features, self.dim))
+        block = self._scoring_block(scoring_features)
         h_scored, target = h[scored, :block], columns[scored]
-        h_drawn = None if draws is None else self.lift(draws[0])[:, :block]
+        drawn = None if draws is None else (self.lift(draws[0])[:, :block], draws[1])
         classes_now = self.cross.shape[1]
         rhs = torch.cat([self.cross[:block], h_scored.T], dim=1)
         rows = torch.arange(len(scored))
@@ -443,10 +447,10 @@ class ClassStatistics:
             left_out = h_s @ weight
             left_out[rows, target] -= leverage
             count = (left_out.argmax(dim=1) == target).sum()
-            if h_drawn is not None and draws is not None:
-                count = count + ((h_drawn.to(solution.dtype) @ weight).argmax(dim=1) == draws[1]).sum()
+            if drawn is not None:
+                count = count + ((drawn[0].to(solution.dtype) @ weight).argmax(dim=1) == drawn[1]).sum()
             hits.append(float(count))
-        return hits, len(scored) + (0 if draws is None else len(draws[1]))
+        return hits, len(scored) + (0 if drawn is None else len(drawn[1]))
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         """Tensors and a JSON-able meta dict that restore these statistics exactly (worker state)."""
