@@ -20,6 +20,7 @@ from .grating import grating, make_grating_stream
 from .images import ConcatImages, FileImageSet, ImageSet, ImageSource, TaskData, batches, concat_sources
 from .loader import LoaderConfig, image_batches, train_transform
 from .synthetic import make_synthetic_stream
+from .views import random_resized_views
 
 __all__ = [
     "BENCHMARK_CHARACTERS",
@@ -46,6 +47,7 @@ __all__ = [
     "make_grating_stream",
     "make_synthetic_stream",
     "pretraining_characters",
+    "random_resized_views",
     "render_pretraining_set",
     "train_transform",
     "write_task_archive",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from fmlora.model.config import FrozenConfig
 
@@ -55,6 +55,10 @@ class TrainConfig(FrozenConfig):
     # shared bases open (full plasticity, drift compensated). "fixed": every later task as the rest.
     plasticity: Literal["auto", "fixed"] = "auto"
     novel_task_error: float = Field(0.5, gt=0, le=1)
+    # A novel task trains at lr x novel_lr_scale, and with the shared bases open unless
+    # novel_open_bases is off (research knobs: plasticity against forgetting of earlier classes).
+    novel_lr_scale: float = Field(1.0, gt=0)
+    novel_open_bases: bool = True
     drift_ridge: float = Field(0.1, ge=0)
     drift_samples: int = Field(32, ge=1)
     # How the ridge head's λ is chosen on training images (fmlora/training/statistics.py):
@@ -83,7 +87,20 @@ class TrainConfig(FrozenConfig):
     # matrix), which is cheaper; None scores on the whole head. At 4,000 features a 2,000 block
     # picked too small a λ on glyphs-dil (README, "What did not work"), so None is the default.
     lambda_scoring_features: int | None = Field(None, ge=1)
+    # Extra random-resized-crop views of every training image (fmlora/data/views.py), taken under
+    # the trained model and added to the class statistics after λ is chosen (λ is scored on the
+    # original images only: a view of a left-out image would leak into its own leave-one-out score).
+    # 0: the original images only.
+    statistics_views: int = Field(0, ge=0)
+    view_scale: tuple[float, float] = (0.7, 1.0)
     loader_workers: int = Field(0, ge=0)
     prefetch_batches: int = Field(4, ge=1)
     augment: bool = False
     progress_bar: bool = True
+
+    @field_validator("view_scale")
+    @classmethod
+    def _crop_fraction(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"view_scale must satisfy 0 < low <= high <= 1, got {value}")
+        return value

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from fmlora.data.images import ImageSource, TaskData
 from fmlora.data.loader import LoaderConfig, image_batches
+from fmlora.data.views import random_resized_views
 from fmlora.errors import DataError
 from fmlora.model.model import FMLoRAModel, TaskRecord
 from fmlora.model.rank_selector import task_complexity, task_novelty
@@ -23,7 +24,7 @@ from .config import TrainConfig
 from .drift import compensate_drift, fit_affine_drift
 from .metrics import AccuracyMatrix
 from .objectives import LinearObjective, Objective, PrototypeObjective, class_means
-from .statistics import ClassStatistics, ncm_logits
+from .statistics import ClassStatistics, RidgeSolution, ncm_logits
 
 __all__ = [
     "Learner",
@@ -130,6 +131,22 @@ def _features_and_queries(
     return torch.cat(features), (torch.cat(queries) if queries else None)
 
 
+@torch.no_grad()
+def _view_features(
+    model: FMLoRAModel, data: ImageSource, cfg: TrainConfig, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-logit features of ``cfg.statistics_views`` random resized crops of every image, and their labels."""
+    generator = torch.Generator().manual_seed(seed)
+    features, labels = [], []
+    for x, y in image_batches(data, cfg.eval_batch_size, loader=LoaderConfig(workers=cfg.loader_workers)):
+        pixels = model.preprocessor(x)
+        for _ in range(cfg.statistics_views):
+            views = random_resized_views(pixels, generator, cfg.view_scale).to(model.device)
+            features.append(model.forward_detailed(views).features.float().cpu())
+            labels.append(y)
+    return torch.cat(features), torch.cat(labels)
+
+
 def within_task_error(features: torch.Tensor, labels: torch.Tensor, classes: int) -> float:
     """Error of a cosine nearest class mean over the task's own classes, on its own images: how
     badly the current features separate what the task has to learn."""
@@ -220,8 +237,9 @@ class Learner:
                 pre_task_error = within_task_error(before, task.train.labels, len(task.classes))
                 novel = pre_task_error >= cfg.novel_task_error
                 if novel and cfg.plasticity == "auto":
-                    lr = cfg.lr
-                    model.open_bases()
+                    lr = cfg.lr * cfg.novel_lr_scale
+                    if cfg.novel_open_bases:
+                        model.open_bases()
                 elif not novel and on_demand and task.kind != "domain":
                     # Features that already separate a task's new classes are left as they are: the
                     # task only adds class statistics, and earlier classes do not drift. A domain
@@ -264,6 +282,11 @@ class Learner:
                 smoothing=cfg.lambda_smoothing,
                 scoring=cfg.lambda_scoring,
             )
+            if cfg.statistics_views:
+                views, view_labels = _view_features(model, task.train, cfg, salt)
+                statistics.add(views, view_labels, task.classes)
+                lam = solution.relative_lambda
+                solution = RidgeSolution(statistics.solve(lam), lam, solution.held_out_accuracy)
         record = model.end_task(features.mean(0), task_key)
         if solution is not None and statistics is not None:
             order = [statistics.labels.index(label) for label in model.head.labels]

@@ -189,3 +189,35 @@ def test_on_demand_adaptation_always_adapts_a_domain_task():
     report = learner.learn_task(model, domain, statistics=stats)
     assert report.novel is False and report.epochs == 1 and report.trainable_parameters > 0
     assert stats.labels == list(first.classes) and stats.counts.tolist() == [16.0, 16.0]
+
+
+def test_extra_views_join_the_statistics_and_the_head_is_solved_with_them():
+    from fmlora.training.statistics import RELATIVE_LAMBDAS
+
+    stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=6, test_per_class=2)
+    model = _ridge_model()
+    stats = new_statistics(model)
+    learner = Learner(_cfg(statistics_views=2))
+    reports = [learner.learn_task(model, task, statistics=stats) for task in stream]
+    # Each training image counts once as itself and once per view.
+    assert stats.counts.tolist() == [18.0] * 4
+    lam = reports[-1].relative_lambda
+    assert lam in RELATIVE_LAMBDAS
+    assert torch.allclose(model.head.weight, stats.solve(lam).T.half().float(), atol=1e-6)
+
+
+def test_a_view_scale_outside_the_image_is_refused():
+    with pytest.raises(ValueError, match="view_scale"):
+        TrainConfig(view_scale=(0.5, 1.5))
+
+
+def test_a_novel_task_can_train_with_the_bases_closed():
+    stream, _, hard = _first_familiar_and_novel()
+    model = _ridge_model()
+    stats = new_statistics(model)
+    learner = Learner(_cfg(novel_task_error=0.05, novel_open_bases=False, novel_lr_scale=0.5))
+    learner.learn_task(model, stream[0], statistics=stats)
+    bases = [a.lora_A.detach().clone() for a in model._adapters()]
+    report = learner.learn_task(model, hard, statistics=stats)
+    assert report.novel is True and report.epochs == 1 and report.trainable_parameters > 0
+    assert all(torch.equal(b, a.lora_A) for b, a in zip(bases, model._adapters(), strict=True))
