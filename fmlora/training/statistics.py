@@ -14,10 +14,13 @@ task and counts hits on that fifth (RanPAC's recipe); ``"leave_one_out"`` (the p
 ``TrainConfig.lambda_scoring``) counts, for each of the task's images, the hit of the whole head
 solved without that image, in closed form (``_leave_one_out_hits``). ``selection="task"`` decides on
 this task alone (the best count; ``tolerance`` takes the largest λ within that many standard errors
-of it instead); ``"cumulative"`` adds each task's hits per candidate to a running tally kept with the
-statistics and takes the best of the tally (ties: the larger λ). A fifth is a few dozen images, all
-of the newest classes, so a per-task held-out choice swings over decades from task to task (1e-6 to
-100 on the glyph stream); leave-one-out scores five times as many and the head that is published.
+of it instead); ``"cumulative"`` (the pipeline's default, ``TrainConfig.lambda_selection``) adds
+each task's hits per candidate, on a half-decade grid, to a running tally kept with the statistics
+and takes the best of the tally (ties: the larger λ). A fifth is a few dozen images, all of the
+newest classes, so a per-task held-out choice swings over decades from task to task (1e-6 to 100 on
+the glyph stream); leave-one-out scores five times as many and the head that is published, but its
+images are still all of the newest classes, so alone it can choose a λ that fits them at the
+earlier classes' cost; the tally weighs every task's evidence.
 Sums are kept in float64, so accumulation over many tasks does not lose precision.
 """
 

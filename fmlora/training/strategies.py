@@ -61,6 +61,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "fmlora-frozen": _ridge_head,
     "fmlora-no-drift": _ridge_head,
     "fmlora-lambda-tally": _ridge_head,
+    "fmlora-lambda-task": _ridge_head,
     "fmlora-lambda-se": _ridge_head,
     "fmlora-lambda-smooth": _ridge_head,
     "fmlora-lambda-held-out": _ridge_head,
@@ -78,12 +79,14 @@ TRAINING: dict[str, dict[str, Any]] = {
     "fmlora-no-drift": {"adaptation": "continual", "drift_compensation": "none"},
     # λ of the ridge head from held-out hits tallied over tasks instead of each task's fifth alone
     "fmlora-lambda-tally": {"adaptation": "continual", "lambda_selection": "cumulative", "lambda_scoring": "held_out"},
-    # λ scored on a held-out fifth of the task (RanPAC's recipe; the default before leave-one-out)
-    "fmlora-lambda-held-out": {"lambda_scoring": "held_out"},
+    # λ chosen on each task's leave-one-out hits alone (the default until the tally, 2026-12-03)
+    "fmlora-lambda-task": {"lambda_selection": "task"},
+    # λ scored on a held-out fifth of the task, per task (RanPAC's recipe; the default before leave-one-out)
+    "fmlora-lambda-held-out": {"lambda_selection": "task", "lambda_scoring": "held_out"},
     # that, with λ the largest within half a standard error of the best held-out count
-    "fmlora-lambda-se": {"lambda_scoring": "held_out", "lambda_tolerance": 0.5},
+    "fmlora-lambda-se": {"lambda_selection": "task", "lambda_scoring": "held_out", "lambda_tolerance": 0.5},
     # that, with each candidate's held-out hits averaged with its neighbours' before the arg-max
-    "fmlora-lambda-smooth": {"lambda_scoring": "held_out", "lambda_smoothing": 1},
+    "fmlora-lambda-smooth": {"lambda_selection": "task", "lambda_scoring": "held_out", "lambda_smoothing": 1},
 }
 
 

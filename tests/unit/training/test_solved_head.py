@@ -23,7 +23,7 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def test_the_head_is_solved_over_every_class_from_the_statistics():
-    from fmlora.training.statistics import RELATIVE_LAMBDAS
+    from fmlora.training.statistics import CUMULATIVE_LAMBDAS
 
     model = _ridge_model()
     stream = make_synthetic_stream(num_tasks=2, classes_per_task=3, train_per_class=6, test_per_class=3)
@@ -35,10 +35,12 @@ def test_the_head_is_solved_over_every_class_from_the_statistics():
     assert model.head.weight.shape == (6, 64) and model.head.trainable_weight.numel() == 0
     # The rows are exactly a ridge solution of the statistics for one of the candidate lambdas,
     # rounded once to float16 (HeadConfig.solved_row_dtype's default).
-    solutions = [stats.solve(lam).T for lam in RELATIVE_LAMBDAS]
+    solutions = [stats.solve(lam).T for lam in CUMULATIVE_LAMBDAS]
     assert any(torch.allclose(model.head.weight, w.half().float(), atol=1e-6) for w in solutions)
     assert not any(torch.equal(model.head.weight, w) for w in solutions)
     assert stats.counts.tolist() == [6.0] * 6 and stats.cross.shape == (64, 6)
+    # By default λ comes from hits tallied over the stream's tasks, kept with the statistics.
+    assert len(stats.lambda_evidence) == len(CUMULATIVE_LAMBDAS) and float(stats.lambda_evidence.sum()) > 0
 
 
 def test_a_failed_task_leaves_model_and_statistics_untouched():
@@ -192,7 +194,7 @@ def test_on_demand_adaptation_always_adapts_a_domain_task():
 
 
 def test_extra_views_join_the_statistics_and_the_head_is_solved_with_them():
-    from fmlora.training.statistics import RELATIVE_LAMBDAS
+    from fmlora.training.statistics import CUMULATIVE_LAMBDAS
 
     stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=6, test_per_class=2)
     model = _ridge_model()
@@ -202,7 +204,7 @@ def test_extra_views_join_the_statistics_and_the_head_is_solved_with_them():
     # Each training image counts once as itself and once per view.
     assert stats.counts.tolist() == [18.0] * 4
     lam = reports[-1].relative_lambda
-    assert lam in RELATIVE_LAMBDAS
+    assert lam in CUMULATIVE_LAMBDAS
     assert torch.allclose(model.head.weight, stats.solve(lam).T.half().float(), atol=1e-6)
 
 
