@@ -135,6 +135,85 @@ def _candidate_solutions(
         yield found
 
 
+# (predictions of the scored images by the head solved from everything, their leverages, and the
+# predictions of any extra rows), or None where the candidate is numerically singular.
+LeaveOneOutScore = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None
+
+
+def _leave_one_out_scores(
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    h_scored: torch.Tensor,
+    extra: torch.Tensor | None,
+    candidates: Sequence[float],
+) -> Iterator[LeaveOneOutScore]:
+    """Per candidate λ (relative to the mean diagonal of G), the scored images' predictions
+    ``h_iᵀ (G + λI)⁻¹ Q`` and leverages ``h_iᵀ (G + λI)⁻¹ h_i``, plus ``extra``'s predictions.
+
+    With ``G + λI = LLᵀ`` both come from one triangular solve ``Z = L⁻¹ [Q | Hᵀ]``: predictions
+    ``Z_Hᵀ Z_Q`` and leverages the squared column norms of ``Z_H``, half the work of solving with
+    both factors (at 4,000 features and 400 images: 0.10 s instead of 0.25 s per float32 candidate).
+    Same precision policy as ``_candidate_solutions``; a system Cholesky refuses in float64 falls
+    back to LU."""
+    scale = float(gram.diagonal().mean()) or 1.0
+    rows = h_scored if extra is None else torch.cat([h_scored, extra])
+    double = (gram, cross, rows)
+    single = (gram.float(), cross.float(), rows.float())
+    buffers = {torch.float64: torch.empty_like(gram), torch.float32: torch.empty_like(single[0])}
+    m, classes = len(h_scored), cross.shape[1]
+    for lam in candidates:
+        tries = (single, double) if lam >= SINGLE_PRECISION_LAMBDA else (double,)
+        found: LeaveOneOutScore = None
+        for g, q, r in tries:
+            system = buffers[g.dtype]
+            system.copy_(g)
+            system.diagonal().add_(lam * scale)
+            factor, info = torch.linalg.cholesky_ex(system)
+            if int(info) == 0:
+                z = torch.linalg.solve_triangular(factor, torch.cat([q, r.T], dim=1), upper=False)
+                z_q, z_rows = z[:, :classes], z[:, classes:]
+                predictions = z_rows.T @ z_q
+                leverage = (z_rows[:, :m] ** 2).sum(dim=0)
+            elif g.dtype == torch.float64:
+                try:
+                    solution = torch.linalg.solve(system, torch.cat([q, r[:m].T], dim=1))
+                except torch.linalg.LinAlgError:
+                    continue
+                predictions = r @ solution[:, :classes]
+                leverage = (r[:m] * solution[:, classes:].T).sum(dim=1)
+            else:
+                continue
+            if bool(torch.isfinite(predictions).all()) and bool(torch.isfinite(leverage).all()):
+                found = (predictions[:m].clone(), leverage, predictions[m:] if extra is not None else None)
+                break
+        yield found
+
+
+def _dual_leave_one_out_scores(
+    h: torch.Tensor, onehot: torch.Tensor, scored: torch.Tensor, candidates: Sequence[float]
+) -> Iterator[LeaveOneOutScore]:
+    """``_leave_one_out_scores`` for ``G = HᵀH`` of the images ``h`` themselves (fewer than features).
+
+    With ``K = HHᵀ = U diag(σ) Uᵀ``, the fit to the images is ``S Y`` with hat matrix
+    ``S = H (HᵀH + λI)⁻¹ Hᵀ = U diag(σ / (σ + λ)) Uᵀ``, whose diagonal is the leverages: one
+    eigendecomposition of an images x images matrix (400 x 400 on a glyph task, milliseconds) scores
+    every candidate, where the primal form factorises a features x features matrix per candidate
+    (4,000 x 4,000: seconds each). Exact in arithmetic; float64 throughout."""
+    scale = float((h * h).sum()) / h.shape[1] or 1.0
+    kernel = h @ h.T
+    sigma, u = torch.linalg.eigh((kernel + kernel.T) / 2)
+    sigma = sigma.clamp_min(0)
+    projected = u.T @ onehot
+    u_scored = u[scored]
+    for lam in candidates:
+        denominator = sigma + lam * scale
+        if not bool((denominator > 0).all()):  # λ = 0 on a rank-deficient kernel: singular
+            yield None
+            continue
+        shrink = sigma / denominator
+        yield (u_scored * shrink) @ projected, (u_scored**2) @ shrink, None
+
+
 def _most_regularised_within(candidates: Sequence[float], hits: Sequence[float], held: int, tolerance: float) -> int:
     """Index of the largest λ whose held-out hits are within ``tolerance`` standard errors of the best.
 
@@ -424,34 +503,37 @@ class ClassStatistics:
 
         Leaving image i out of a ridge fit changes its prediction in closed form: with leverage
         ``H_ii = h_iᵀ (G + λI)⁻¹ h_i``, the left-out prediction is ``(ŷ_i − H_ii y_i) / (1 − H_ii)``,
-        whose arg-max is that of ``ŷ_i − H_ii y_i``. So one solve per candidate, with the scored
-        images' features as extra right-hand sides, scores every image against a head solved from
-        all the others: five times the evidence of a held-out fifth, and no smaller trial head whose
-        best λ differs from the whole one's."""
+        whose arg-max is that of ``ŷ_i − H_ii y_i``. So one factorisation per candidate scores every
+        image against a head solved from all the others: five times the evidence of a held-out
+        fifth, and no smaller trial head whose best λ differs from the whole one's. On a first task
+        with fewer images than features, G is exactly ``HᵀH`` of those images and the same scores
+        come from the images' own kernel ``HHᵀ`` (``_dual_leave_one_out_scores``)."""
         draws = self._earlier_class_draws(classes, old_class_samples, seed)
+        first_task = float(self.counts.sum()) == 0
         columns, gram, h, onehot = self.contributions(features, labels, classes)
         self._accumulate(features, columns, gram, h, onehot)
         fraction = min(1.0, LEAVE_ONE_OUT_IMAGES / len(labels))
         scored = torch.arange(len(labels)) if fraction >= 1.0 else held_out_split(labels, fraction, seed)[1]
         block = self._scoring_block(scoring_features)
-        h_scored, target = h[scored, :block], columns[scored]
+        target = columns[scored]
         drawn = None if draws is None else (self.lift(draws[0])[:, :block], draws[1])
-        classes_now = self.cross.shape[1]
-        rhs = torch.cat([self.cross[:block], h_scored.T], dim=1)
+        if first_task and drawn is None and len(labels) <= block:
+            scores = _dual_leave_one_out_scores(h[:, :block], onehot, scored, candidates)
+        else:
+            extra = None if drawn is None else drawn[0]
+            gram, cross = self.gram[:block, :block], self.cross[:block]
+            scores = _leave_one_out_scores(gram, cross, h[scored, :block], extra, candidates)
         rows = torch.arange(len(scored))
         hits = []
-        for solution in _candidate_solutions(self.gram[:block, :block], rhs, candidates):
-            if solution is None:
+        for score in scores:
+            if score is None:  # numerically singular at this λ, so it cannot be chosen
                 hits.append(0.0)
                 continue
-            weight = solution[:, :classes_now]
-            h_s = h_scored.to(solution.dtype)
-            leverage = (h_s * solution[:, classes_now:].T).sum(dim=1)
-            left_out = h_s @ weight
+            left_out, leverage, extra_predictions = score
             left_out[rows, target] -= leverage
             count = (left_out.argmax(dim=1) == target).sum()
-            if drawn is not None:
-                count = count + ((drawn[0].to(solution.dtype) @ weight).argmax(dim=1) == drawn[1]).sum()
+            if drawn is not None and extra_predictions is not None:
+                count = count + (extra_predictions.argmax(dim=1) == drawn[1]).sum()
             hits.append(float(count))
         return hits, len(scored) + (0 if drawn is None else len(drawn[1]))
 

@@ -327,3 +327,56 @@ def test_leave_one_out_hits_are_those_of_explicit_refits_without_each_image():
     assert len(set(hits)) > 1  # the candidates differ, so the choice is tested
     assert chosen.relative_lambda == RELATIVE_LAMBDAS[hits.index(max(hits))]
     assert chosen.held_out_accuracy == max(hits) / len(task_y)
+
+
+def test_first_task_leave_one_out_hits_from_the_image_kernel_are_those_of_explicit_refits():
+    # 36 images, 96 random features, empty statistics: G is the images' own HᵀH, so the hits come
+    # from the 36 x 36 kernel (the dual form), which must agree with refitting without each image.
+    from fmlora.training.statistics import CUMULATIVE_LAMBDAS
+
+    rf = RandomFeatures(8, 96, seed=5)
+    x, y = _blobs(3, 12, seed=12)
+    x = x + 2.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(13))
+    classes = ["a", "b", "c"]
+    stats = ClassStatistics(8, rf)
+    chosen = stats.add_task(x, y, classes, seed=2, scoring="leave_one_out", selection="cumulative")
+    whole = ClassStatistics(8, rf)
+    whole.add(x, y, classes)
+    scale = float(whole.gram.diagonal().mean())
+    hits = []
+    for lam in CUMULATIVE_LAMBDAS:
+        count = 0
+        for i in range(len(y)):
+            rest = torch.arange(len(y)) != i
+            refit = ClassStatistics(8, rf)
+            refit.add(x[rest], y[rest], classes)
+            system = refit.gram + lam * scale * torch.eye(refit.dim, dtype=torch.float64)
+            weight = torch.linalg.solve(system, refit.cross)
+            count += int((refit.lift(x[i : i + 1]) @ weight).argmax() == y[i])
+        hits.append(count)
+    assert len(set(hits)) > 1
+    assert stats.lambda_evidence.tolist() == hits
+    best = max(range(len(hits)), key=lambda i: (hits[i], i))
+    assert chosen.relative_lambda == CUMULATIVE_LAMBDAS[best]
+
+
+def test_kernel_and_factorised_leave_one_out_scores_agree():
+    from fmlora.training.statistics import (
+        CUMULATIVE_LAMBDAS,
+        _dual_leave_one_out_scores,
+        _leave_one_out_scores,
+    )
+
+    rf = RandomFeatures(8, 64, seed=1)
+    x, y = _blobs(4, 10, seed=3)
+    stats = ClassStatistics(8, rf)
+    _, _, h, onehot = stats.contributions(x, y, ["a", "b", "c", "d"])
+    gram, cross = h.T @ h, h.T @ onehot
+    scored = torch.arange(0, 40, 3)
+    primal = list(_leave_one_out_scores(gram, cross, h[scored], None, CUMULATIVE_LAMBDAS))
+    dual = list(_dual_leave_one_out_scores(h, onehot, scored, CUMULATIVE_LAMBDAS))
+    for lam, p, d in zip(CUMULATIVE_LAMBDAS, primal, dual, strict=True):
+        assert p is not None and d is not None
+        tol = 1e-4 if lam >= 1e-3 else 1e-8  # the factorised form scores large λ in float32
+        assert torch.allclose(p[0].double(), d[0], atol=tol, rtol=tol), lam
+        assert torch.allclose(p[1].double(), d[1], atol=tol, rtol=tol), lam
