@@ -189,6 +189,7 @@ class Info(_Model):
     serving_version: int | None = None
     serving_sha256: str | None = None
     live_version: int | None = None
+    training_worker: str | None = None  # the worker holding the training lease; None: queued tasks wait
     labels: int | None = None
     tasks: list[str] = Field(default_factory=list)
     limits: dict[str, Any] = Field(default_factory=dict)

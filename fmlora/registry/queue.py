@@ -167,6 +167,12 @@ class TaskQueue:
             row = tx.row("SELECT * FROM leases WHERE name = ?", (name,))
         return None if row is None else Lease(name=row["name"], owner=row["owner"], expires=row["expires"])
 
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds lease ``name`` now (an expired lease counts as nobody's), on the database's clock."""
+        with self.db.read() as tx:
+            row = tx.row(f"SELECT owner FROM leases WHERE name = ? AND expires >= {self.db.now_sql}", (name,))
+        return None if row is None else str(row["owner"])
+
     def claim_next_task(self, owner: str) -> TaskInfo | None:
         """Move the oldest queued task to 'training' for the holder of the worker lease."""
         with self.db.write() as tx:

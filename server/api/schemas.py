@@ -196,6 +196,9 @@ class InfoResponse(_Out):
     serving_version: int | None
     serving_sha256: str | None
     live_version: int | None
+    training_worker: str | None = Field(
+        None, description="The worker holding the training lease; null: none is attached, queued tasks wait."
+    )
     labels: int = Field(description="Number of labels the served version knows.")
     tasks: list[str] = Field(description="Tasks the served version has learned, in order.")
     limits: dict[str, int | float]

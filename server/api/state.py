@@ -8,6 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from fmlora.errors import RegistryUnavailableError
+from fmlora.registry.records import WORKER_LEASE
 from fmlora.registry.registry import Registry, VersionInfo
 from server.api.metrics import ScrapeState, ServerMetrics
 from server.api.settings import Settings
@@ -70,6 +71,15 @@ class ServerState:
             if self.engine is None or not self.started:
                 return None
             return self.engine.stats().get("registry_live_version")
+
+    def training_worker(self) -> str | None:
+        """The training lease's holder; None without a registry or while its database cannot be read."""
+        if self.registry is None:
+            return None
+        try:
+            return self.registry.lease_holder(WORKER_LEASE)
+        except RegistryUnavailableError:
+            return None
 
     def require_registry(self) -> Registry:
         if self.registry is None:

@@ -100,6 +100,9 @@ def test_fmlora_serve_learns_two_tasks_through_the_sdk(tmp_path: Path, pretraine
         assert demo.adapter_bytes == [models.versions[0].adapter_bytes]
         assert json.loads((tmp_path / "demo" / "demo.json").read_text())["versions"] == [3]
         assert "\nv3 " in "\n" + "\n".join(lines)  # the accuracy table's row for version 3
+        # The clock started with the embedded worker attached (it had trained tasks 1 and 2 already).
+        assert demo.seconds_to_worker is not None and demo.seconds_to_worker < 1.0
+        assert any(line.startswith("training worker ") and "attached" in line for line in lines)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)

@@ -57,6 +57,7 @@ def info(request: Request) -> InfoResponse:
         serving_version=None if serving is None else serving.version,
         serving_sha256=None if serving is None else serving.sha256,
         live_version=state.live_version(),
+        training_worker=state.training_worker(),
         labels=0 if serving is None else len(serving.labels),
         tasks=[] if serving is None else list(serving.task_names),
         limits={

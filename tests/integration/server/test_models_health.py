@@ -8,6 +8,7 @@ import time
 import pytest
 
 import fmlora
+from fmlora.registry import WORKER_LEASE
 from server.api.app import create_app
 from server.api.settings import Settings
 
@@ -121,6 +122,11 @@ def test_info_reports_each_fact_from_its_source(make_client, versioned):
     assert info["tasks"] == ["pets", "birds"] and info["labels"] == 3  # version 2's, not the live one's
     assert info["limits"]["max_images_per_request"] == 7 and info["limits"]["max_queue"] == 256
     assert info["auth"] == {"disabled": False, "admin_enabled": True, "api_key_required": False}
+    assert info["training_worker"] is None  # no worker has taken the training lease
+    assert versioned.acquire_lease(WORKER_LEASE, "trainer-7", ttl_s=60)
+    assert client.get("/info").json()["training_worker"] == "trainer-7"
+    versioned.release_lease(WORKER_LEASE, "trainer-7")
+    assert client.get("/info").json()["training_worker"] is None
 
 
 def test_metrics_report_requests_engine_and_live_card(make_client, versioned):

@@ -129,8 +129,10 @@ def test_prune_keeps_the_live_version(registry: Registry, tiny_model: FMLoRAMode
 
 
 def test_lease_is_exclusive_and_expires(registry: Registry) -> None:
+    assert registry.lease_holder(WORKER_LEASE) is None
     assert registry.acquire_lease(WORKER_LEASE, "a", ttl_s=0.3)
     assert not registry.acquire_lease(WORKER_LEASE, "b", ttl_s=10)
+    assert registry.lease_holder(WORKER_LEASE) == "a"
     with pytest.raises(LeaseError):
         registry.renew_lease(WORKER_LEASE, "b", 10)
     with pytest.raises(LeaseError):
@@ -138,6 +140,7 @@ def test_lease_is_exclusive_and_expires(registry: Registry) -> None:
     with pytest.raises(LeaseError):
         registry.reserve_version("b")
     time.sleep(0.4)
+    assert registry.lease_holder(WORKER_LEASE) is None  # expired: nobody's, though the row is still there
     with pytest.raises(LeaseError):
         registry.renew_lease(WORKER_LEASE, "a", 10)
     assert registry.acquire_lease(WORKER_LEASE, "b", ttl_s=10)
