@@ -94,7 +94,7 @@ def test_standby_takes_over_from_a_killed_worker(home: Registry, tmp_path: Path)
 def test_the_worker_ends_with_its_parent_and_the_task_finishes_once(home: Registry, tmp_path: Path) -> None:
     [task_id] = submit_stream(home, tmp_path, 1)
     parent = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.registry.parent_proc", str(home.home), "--epochs", "50"],
+        [sys.executable, "-m", "tests.integration.registry.parent_proc", str(home.home), "--epochs", "1000"],
         cwd=ROOT,
         env=env_for(home),
         stdout=subprocess.PIPE,
@@ -103,7 +103,16 @@ def test_the_worker_ends_with_its_parent_and_the_task_finishes_once(home: Regist
     try:
         assert parent.stdout is not None
         worker_pid = int(parent.stdout.readline().split()[1])
-        wait_for(lambda: home.get_task(task_id).progress.get("step", 0) >= 2, 120, "the worker to train")
+
+        # Mid-training, not after it: progress is written once a second, and the last step always, so
+        # a run shorter than that shows step >= 2 only when it is over (then the kill lands in the
+        # head's solve or the publish, and the task is rightly published). 1,000 epochs of the tiny
+        # task take several seconds.
+        def mid_training() -> bool:
+            progress = home.get_task(task_id).progress
+            return 2 <= progress.get("step", 0) < progress.get("steps", 0)
+
+        wait_for(mid_training, 120, "the worker to be mid-training")
         holder = home.lease(WORKER_LEASE)
         assert holder is not None
         parent.send_signal(signal.SIGKILL)
