@@ -27,7 +27,7 @@ Sums are kept in float64, so accumulation over many tasks does not lose precisio
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +91,13 @@ def _moment_of_means(counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     return sums.T @ (sums / counts.clamp_min(1).unsqueeze(1))
 
 
+def _lu_solve(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor | None:
+    try:
+        return torch.linalg.solve(system, rhs)
+    except torch.linalg.LinAlgError:
+        return None
+
+
 def _ridge_solution(system: torch.Tensor, cross: torch.Tensor, *, lu_fallback: bool = True) -> torch.Tensor | None:
     """``system⁻¹ cross`` for ``system = G + λI``, or None where it is numerically singular.
 
@@ -99,40 +106,62 @@ def _ridge_solution(system: torch.Tensor, cross: torch.Tensor, *, lu_fallback: b
     factor, info = torch.linalg.cholesky_ex(system)
     if int(info) == 0:
         return torch.cholesky_solve(cross, factor)
-    if not lu_fallback:
-        return None
-    try:
-        return torch.linalg.solve(system, cross)
-    except torch.linalg.LinAlgError:
-        return None
+    return _lu_solve(system, cross) if lu_fallback else None
 
 
-def _candidate_solutions(
-    gram: torch.Tensor, rhs: torch.Tensor, candidates: Sequence[float]
-) -> Iterator[torch.Tensor | None]:
-    """``(G + λI)⁻¹ rhs`` for each candidate (λ relative to the mean diagonal of G), or None where it
-    is numerically singular; in float32 from ``SINGLE_PRECISION_LAMBDA`` up, else (and on any
-    float32 failure) in float64.
+Results = tuple[torch.Tensor, ...]
+
+
+def _per_candidate(
+    gram: torch.Tensor,
+    operands: tuple[torch.Tensor, ...],
+    candidates: Sequence[float],
+    compute: Callable[..., Results | None],
+) -> Iterator[Results | None]:
+    """For each candidate λ (relative to the mean diagonal of G): ``compute(system, factor,
+    *operands)`` with ``system = G + λI`` and ``factor`` its Cholesky factor, or None where Cholesky
+    refuses the system (then only in float64, for an LU fallback). In float32 from
+    ``SINGLE_PRECISION_LAMBDA`` up, else (and whenever float32 fails) in float64; None where neither
+    gives finite results.
 
     One Cholesky factorisation per candidate: at 4,000 features nine of them take a third of the
     time of the one eigendecomposition that would serve them all (2.7 s vs 9 s). G + λI is built in
     one reused buffer: a fresh pair of 128 MB matrices per candidate cost a sixth of the search."""
     scale = float(gram.diagonal().mean()) or 1.0
-    double = (gram, rhs)
-    single = (gram.float(), rhs.float())
+    double = (gram, *operands)
+    single = tuple(t.float() for t in double)
     buffers = {torch.float64: torch.empty_like(gram), torch.float32: torch.empty_like(single[0])}
     for lam in candidates:
         tries = (single, double) if lam >= SINGLE_PRECISION_LAMBDA else (double,)
         found = None
-        for g, r in tries:
+        for g, *ops in tries:
             system = buffers[g.dtype]
             system.copy_(g)
             system.diagonal().add_(lam * scale)
-            solution = _ridge_solution(system, r, lu_fallback=g.dtype == torch.float64)
-            if solution is not None and bool(torch.isfinite(solution).all()):
-                found = solution
+            factor, info = torch.linalg.cholesky_ex(system)
+            if int(info) != 0:
+                if g.dtype != torch.float64:
+                    continue
+                factor = None
+            results = compute(system, factor, *ops)
+            if results is not None and all(bool(torch.isfinite(t).all()) for t in results):
+                found = results
                 break
         yield found
+
+
+def _candidate_solutions(
+    gram: torch.Tensor, rhs: torch.Tensor, candidates: Sequence[float]
+) -> Iterator[torch.Tensor | None]:
+    """``(G + λI)⁻¹ rhs`` for each candidate, or None where it is numerically singular
+    (``_per_candidate``'s precision policy)."""
+
+    def solve(system: torch.Tensor, factor: torch.Tensor | None, r: torch.Tensor) -> Results | None:
+        solution = torch.cholesky_solve(r, factor) if factor is not None else _lu_solve(system, r)
+        return None if solution is None else (solution,)
+
+    for results in _per_candidate(gram, (rhs,), candidates, solve):
+        yield None if results is None else results[0]
 
 
 # (predictions of the scored images by the head solved from everything, their leverages, and the
@@ -153,40 +182,26 @@ def _leave_one_out_scores(
     With ``G + λI = LLᵀ`` both come from one triangular solve ``Z = L⁻¹ [Q | Hᵀ]``: predictions
     ``Z_Hᵀ Z_Q`` and leverages the squared column norms of ``Z_H``, half the work of solving with
     both factors (at 4,000 features and 400 images: 0.10 s instead of 0.25 s per float32 candidate).
-    Same precision policy as ``_candidate_solutions``; a system Cholesky refuses in float64 falls
-    back to LU."""
-    scale = float(gram.diagonal().mean()) or 1.0
+    ``_per_candidate``'s precision policy; a system Cholesky refuses in float64 falls back to LU."""
     rows = h_scored if extra is None else torch.cat([h_scored, extra])
-    double = (gram, cross, rows)
-    single = (gram.float(), cross.float(), rows.float())
-    buffers = {torch.float64: torch.empty_like(gram), torch.float32: torch.empty_like(single[0])}
     m, classes = len(h_scored), cross.shape[1]
-    for lam in candidates:
-        tries = (single, double) if lam >= SINGLE_PRECISION_LAMBDA else (double,)
-        found: LeaveOneOutScore = None
-        for g, q, r in tries:
-            system = buffers[g.dtype]
-            system.copy_(g)
-            system.diagonal().add_(lam * scale)
-            factor, info = torch.linalg.cholesky_ex(system)
-            if int(info) == 0:
-                z = torch.linalg.solve_triangular(factor, torch.cat([q, r.T], dim=1), upper=False)
-                z_q, z_rows = z[:, :classes], z[:, classes:]
-                predictions = z_rows.T @ z_q
-                leverage = (z_rows[:, :m] ** 2).sum(dim=0)
-            elif g.dtype == torch.float64:
-                try:
-                    solution = torch.linalg.solve(system, torch.cat([q, r[:m].T], dim=1))
-                except torch.linalg.LinAlgError:
-                    continue
-                predictions = r @ solution[:, :classes]
-                leverage = (r[:m] * solution[:, classes:].T).sum(dim=1)
-            else:
-                continue
-            if bool(torch.isfinite(predictions).all()) and bool(torch.isfinite(leverage).all()):
-                found = (predictions[:m].clone(), leverage, predictions[m:] if extra is not None else None)
-                break
-        yield found
+
+    def score(system: torch.Tensor, factor: torch.Tensor | None, q: torch.Tensor, r: torch.Tensor) -> Results | None:
+        if factor is not None:
+            z = torch.linalg.solve_triangular(factor, torch.cat([q, r.T], dim=1), upper=False)
+            z_q, z_rows = z[:, :classes], z[:, classes:]
+            return z_rows.T @ z_q, (z_rows[:, :m] ** 2).sum(dim=0)
+        solution = _lu_solve(system, torch.cat([q, r[:m].T], dim=1))
+        if solution is None:
+            return None
+        return r @ solution[:, :classes], (r[:m] * solution[:, classes:].T).sum(dim=1)
+
+    for results in _per_candidate(gram, (cross, rows), candidates, score):
+        if results is None:
+            yield None
+        else:
+            predictions, leverage = results
+            yield predictions[:m], leverage, predictions[m:] if extra is not None else None
 
 
 def _dual_leave_one_out_scores(
