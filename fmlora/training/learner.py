@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .drift import compensate_drift, fit_affine_drift
 from .metrics import AccuracyMatrix
 from .objectives import LinearObjective, Objective, PrototypeObjective, class_means
-from .statistics import ClassStatistics, RidgeSolution, ncm_logits
+from .statistics import ClassStatistics, ncm_logits
 
 __all__ = [
     "Learner",
@@ -270,6 +270,7 @@ class Learner:
             if trained and cfg.drift_compensation == "affine" and statistics.labels:
                 compensate_drift(statistics, drift, samples_per_class=cfg.drift_samples, seed=salt)
                 compensated = True
+            views = _view_features(model, task.train, cfg, salt) if cfg.statistics_views else None
             solution = statistics.add_task(
                 after,
                 task.train.labels,
@@ -281,12 +282,8 @@ class Learner:
                 old_class_samples=cfg.lambda_old_class_samples,
                 smoothing=cfg.lambda_smoothing,
                 scoring=cfg.lambda_scoring,
+                unscored=views,
             )
-            if cfg.statistics_views:
-                views, view_labels = _view_features(model, task.train, cfg, salt)
-                statistics.add(views, view_labels, task.classes)
-                lam = solution.relative_lambda
-                solution = RidgeSolution(statistics.solve(lam), lam, solution.held_out_accuracy)
         record = model.end_task(features.mean(0), task_key)
         if solution is not None and statistics is not None:
             order = [statistics.labels.index(label) for label in model.head.labels]

@@ -393,8 +393,13 @@ class ClassStatistics:
         old_class_samples: int = 0,
         smoothing: int = 0,
         scoring: LambdaScoring = "held_out",
+        unscored: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> RidgeSolution:
         """Add one task's training features and solve, with λ chosen on them (``scoring``, below).
+
+        ``unscored``: more (features, labels) of the task's classes, e.g. augmented views of its
+        images, added to the statistics after λ is chosen and before the one solve: a view of a
+        left-out image would leak into that image's own leave-one-out score.
 
         ``scoring_features``: score the candidates on the head made of only the first that many
         random features (the leading block of G is exactly their Gram matrix); None: on the whole
@@ -449,6 +454,8 @@ class ClassStatistics:
             else:
                 best = _most_regularised_within(candidates, evidence, total, tolerance)
             lam, accuracy = candidates[best], hits[best] / total
+        if unscored is not None:
+            self.add(unscored[0], unscored[1], classes)
         return RidgeSolution(self.solve(lam), lam, accuracy)
 
     def _scoring_block(self, scoring_features: int | None) -> int:

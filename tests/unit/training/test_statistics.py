@@ -380,3 +380,21 @@ def test_kernel_and_factorised_leave_one_out_scores_agree():
         tol = 1e-4 if lam >= 1e-3 else 1e-8  # the factorised form scores large λ in float32
         assert torch.allclose(p[0].double(), d[0], atol=tol, rtol=tol), lam
         assert torch.allclose(p[1].double(), d[1], atol=tol, rtol=tol), lam
+
+
+def test_unscored_features_join_the_solve_but_not_the_lambda_evidence():
+    x, y = _blobs(3, 10, seed=4)
+    views = x + 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    rf = RandomFeatures(8, 48, seed=3)
+    plain, viewed, by_hand = (ClassStatistics(8, rf) for _ in range(3))
+    kwargs = {"selection": "cumulative", "scoring": "leave_one_out"}
+    without = plain.add_task(x, y, ["a", "b", "c"], **kwargs)
+    with_views = viewed.add_task(x, y, ["a", "b", "c"], unscored=(views, y), **kwargs)
+    # λ is chosen on the task's own images alone: the same evidence and the same choice.
+    assert torch.equal(plain.lambda_evidence, viewed.lambda_evidence)
+    assert with_views.relative_lambda == without.relative_lambda
+    # The solution is the one from all the images and their views.
+    by_hand.add(torch.cat([x, views]), torch.cat([y, y]), ["a", "b", "c"])
+    assert viewed.counts.tolist() == [20.0] * 3
+    assert torch.allclose(with_views.weight, by_hand.solve(without.relative_lambda), atol=1e-5)
+    assert (with_views.weight - without.weight).norm() > 0.05 * without.weight.norm()
