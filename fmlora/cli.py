@@ -70,6 +70,12 @@ def bench(
     model_option: list[str] = typer.Option(
         [], help="PATH=VALUE, a ModelConfig field by dotted path (repeatable), e.g. adapter.train_bases=every_task."
     ),
+    train_per_class: int | None = typer.Option(
+        None,
+        min=1,
+        help="Train on the first N images of each class only (e.g. 32 of the glyphs' 40: what the worker "
+        "learns from once intake holds out a fifth for the gate).",
+    ),
 ) -> None:
     """Run continual-learning methods on a task stream; write results.json, summary.md and plots."""
     options, model_options = _options(train_option, "--train-option"), _options(model_option, "--model-option")
@@ -86,6 +92,7 @@ def bench(
         device=device,
         train_options=options,
         model_options=model_options,
+        train_per_class=train_per_class,
     )
     try:
         results = run_benchmark(spec)
@@ -181,6 +188,13 @@ def worker(
     device: str = typer.Option(
         "auto", envvar="FMLORA_WORKER_DEVICE", help="torch device for training; auto = cuda when available."
     ),
+    statistics_views: int | None = typer.Option(
+        None,
+        min=0,
+        envvar="FMLORA_WORKER_STATISTICS_VIEWS",
+        help="Random resized crops of each training image added to the ridge head's class statistics "
+        "(default: TrainConfig's; 0: the images only). Each costs one more forward pass over the task.",
+    ),
     min_new_task_accuracy: float = typer.Option(
         0.0,
         envvar="FMLORA_GATE_MIN_NEW_TASK_ACCURACY",
@@ -243,6 +257,7 @@ def worker(
             lr=lr,
             device=device,
             autocast_dtype=None if autocast == "none" else autocast,
+            **({} if statistics_views is None else {"statistics_views": statistics_views}),
         )
         config = WorkerConfig(
             train=train,

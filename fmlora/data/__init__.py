@@ -17,7 +17,17 @@ from .glyphs import (
     render_pretraining_set,
 )
 from .grating import grating, make_grating_stream
-from .images import ConcatImages, FileImageSet, ImageSet, ImageSource, TaskData, batches, concat_sources
+from .images import (
+    ConcatImages,
+    FileImageSet,
+    ImageSet,
+    ImageSource,
+    SubsetImages,
+    TaskData,
+    batches,
+    concat_sources,
+    first_per_class,
+)
 from .loader import LoaderConfig, image_batches, train_transform
 from .synthetic import make_synthetic_stream
 from .views import random_resized_views
@@ -33,9 +43,11 @@ __all__ = [
     "ImageSet",
     "ImageSource",
     "LoaderConfig",
+    "SubsetImages",
     "TaskData",
     "batches",
     "concat_sources",
+    "first_per_class",
     "font_directory",
     "grating",
     "image_batches",

@@ -18,7 +18,17 @@ from PIL import Image, ImageOps
 
 from fmlora.errors import DataError
 
-__all__ = ["ConcatImages", "FileImageSet", "ImageSet", "ImageSource", "TaskData", "batches", "concat_sources"]
+__all__ = [
+    "ConcatImages",
+    "FileImageSet",
+    "ImageSet",
+    "ImageSource",
+    "SubsetImages",
+    "TaskData",
+    "batches",
+    "concat_sources",
+    "first_per_class",
+]
 
 
 @runtime_checkable
@@ -179,6 +189,43 @@ class ConcatImages:
 
 def concat_sources(sources: Sequence[ImageSource]) -> ImageSource:
     return sources[0] if len(sources) == 1 else ConcatImages(tuple(sources))
+
+
+@dataclass(frozen=True)
+class SubsetImages:
+    """The images of ``source`` at ``index``, in that order."""
+
+    source: ImageSource
+    index: torch.Tensor
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.source.classes
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.source.labels[self.index]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def fetch(self, index: torch.Tensor) -> torch.Tensor:
+        return self.source.fetch(self.index[index])
+
+
+def first_per_class(source: ImageSource, count: int) -> ImageSource:
+    """The first ``count`` images of every class of ``source`` (all of a class that has fewer), in
+    their original order: e.g. what a worker trains on once intake has held out the gate's share."""
+    if count < 1:
+        raise DataError(f"keep at least one image per class, not {count}")
+    labels = source.labels
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique().tolist():
+        keep[(labels == c).nonzero().flatten()[:count]] = True
+    index = keep.nonzero().flatten()
+    if isinstance(source, ImageSet):
+        return ImageSet(source.images[index], labels[index], source.classes)
+    return SubsetImages(source, index)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "fmlora-lambda-se": _ridge_head,
     "fmlora-lambda-smooth": _ridge_head,
     "fmlora-lambda-held-out": _ridge_head,
+    "fmlora-views": _ridge_head,
     "fmlora-linear": _linear_head,
 }
 
@@ -87,6 +88,8 @@ TRAINING: dict[str, dict[str, Any]] = {
     "fmlora-lambda-se": {"lambda_selection": "task", "lambda_scoring": "held_out", "lambda_tolerance": 0.5},
     # that, with each candidate's held-out hits averaged with its neighbours' before the arg-max
     "fmlora-lambda-smooth": {"lambda_selection": "task", "lambda_scoring": "held_out", "lambda_smoothing": 1},
+    # two random resized crops of every training image join the head's class statistics (after λ)
+    "fmlora-views": {"statistics_views": 2},
 }
 
 

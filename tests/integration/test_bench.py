@@ -157,3 +157,26 @@ def test_bench_cli_takes_training_options_and_refuses_bad_ones(tmp_path):
         result = CliRunner().invoke(app, [*args, "--train-option", bad, "--out", str(tmp_path / "bad")])
         assert result.exit_code == 2, (bad, result.output)
         assert "later_lr_scale" in result.output or "no_such_option" in result.output or "KEY=VALUE" in result.output
+
+
+def test_train_per_class_keeps_that_many_training_images_and_is_recorded(tmp_path, monkeypatch):
+    import fmlora.bench.runner as runner
+
+    seen = []
+
+    def capture(method, config, tasks, train, seed):
+        seen.extend((t.train.labels.bincount().tolist(), len(t.test)) for t in tasks)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runner, "run_baseline", capture)
+    args = ["bench", "--benchmark", "synthetic", "--methods", "ncm", "--tasks", "2", "--out", str(tmp_path / "b")]
+    full = CliRunner().invoke(app, args)
+    cut = CliRunner().invoke(app, [*args, "--train-per-class", "3"])
+    assert full.exit_code == cut.exit_code == 0
+    (full_counts, full_test), (_, _), (cut_counts, cut_test) = seen[0], seen[1], seen[2]
+    assert min(full_counts) > 3 and cut_counts == [3] * len(full_counts) and cut_test == full_test
+    assert CliRunner().invoke(app, [*args, "--train-per-class", "0"]).exit_code == 2
+    monkeypatch.undo()
+    assert CliRunner().invoke(app, [*args, "--train-per-class", "3"]).exit_code == 0
+    (row,) = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert row["train_per_class"] == 3 and row["method"] == "ncm"
