@@ -283,6 +283,7 @@ class Learner:
                 smoothing=cfg.lambda_smoothing,
                 scoring=cfg.lambda_scoring,
                 unscored=views,
+                unscored_weighting=cfg.view_weighting,
             )
         record = model.end_task(features.mean(0), task_key)
         if solution is not None and statistics is not None:

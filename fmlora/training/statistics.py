@@ -35,7 +35,7 @@ import torch
 from fmlora.errors import DataError
 from fmlora.model.head import RandomFeatures
 
-from .config import LambdaScoring, LambdaSelection
+from .config import LambdaScoring, LambdaSelection, UnscoredWeighting
 
 __all__ = [
     "CUMULATIVE_LAMBDAS",
@@ -394,12 +394,18 @@ class ClassStatistics:
         smoothing: int = 0,
         scoring: LambdaScoring = "held_out",
         unscored: tuple[torch.Tensor, torch.Tensor] | None = None,
+        unscored_weighting: UnscoredWeighting = "copies",
     ) -> RidgeSolution:
         """Add one task's training features and solve, with λ chosen on them (``scoring``, below).
 
         ``unscored``: more (features, labels) of the task's classes, e.g. augmented views of its
         images, added to the statistics after λ is chosen and before the one solve: a view of a
-        left-out image would leak into that image's own leave-one-out score.
+        left-out image would leak into that image's own leave-one-out score. With
+        ``unscored_weighting="copies"`` (leave-one-out scoring only) each scored image counts as
+        ``1 + len(unscored) / len(features)`` copies of itself while λ is scored, so the task weighs in
+        G as it will in the solve: earlier tasks' views are already in G, and scored at one copy a
+        task's classes are outweighed by them and call for too small a λ (measured: README, "Extra
+        views"); the left-out image leaves with all its copies. ``"none"``: one copy.
 
         ``scoring_features``: score the candidates on the head made of only the first that many
         random features (the leading block of G is exactly their Gram matrix); None: on the whole
@@ -431,8 +437,11 @@ class ClassStatistics:
         if len(candidates) < 2:
             self.add(features, labels, classes)
         elif scoring == "leave_one_out":
+            copies = 1.0
+            if unscored is not None and unscored_weighting == "copies":
+                copies = 1.0 + len(unscored[0]) / len(features)
             hits, total = self._leave_one_out_hits(
-                features, labels, classes, candidates, seed, scoring_features, old_class_samples
+                features, labels, classes, candidates, seed, scoring_features, old_class_samples, copies
             )
         else:
             hits, total = self._held_out_hits(
@@ -519,6 +528,7 @@ class ClassStatistics:
         seed: int,
         scoring_features: int | None,
         old_class_samples: int,
+        copies: float = 1.0,
     ) -> tuple[list[float], int]:
         """Add the task; return each candidate's leave-one-out hits on (up to ``LEAVE_ONE_OUT_IMAGES``
         of) the task's images, from the whole statistics, and the number of images scored.
@@ -529,21 +539,30 @@ class ClassStatistics:
         image against a head solved from all the others: five times the evidence of a held-out
         fifth, and no smaller trial head whose best λ differs from the whole one's. On a first task
         with fewer images than features, G is exactly ``HᵀH`` of those images and the same scores
-        come from the images' own kernel ``HHᵀ`` (``_dual_leave_one_out_scores``)."""
+        come from the images' own kernel ``HHᵀ`` (``_dual_leave_one_out_scores``).
+
+        ``copies`` (c): the task's images are scored as if each were c identical images, G and Q
+        taking ``c HᵀH`` and ``c HᵀY``; leaving out all c copies of image i gives the prediction
+        ``(ŷ_i − c H_ii y_i) / (1 − c H_ii)``. On a first task G is the task's alone, and scaling it
+        scales λ's reference (the mean diagonal of G) with it: the scores do not change."""
         draws = self._earlier_class_draws(classes, old_class_samples, seed)
         first_task = float(self.counts.sum()) == 0
-        columns, gram, h, onehot = self.contributions(features, labels, classes)
-        self._accumulate(features, columns, gram, h, onehot)
+        columns, task_gram, h, onehot = self.contributions(features, labels, classes)
+        self._accumulate(features, columns, task_gram, h, onehot)
         fraction = min(1.0, LEAVE_ONE_OUT_IMAGES / len(labels))
         scored = torch.arange(len(labels)) if fraction >= 1.0 else held_out_split(labels, fraction, seed)[1]
         block = self._scoring_block(scoring_features)
         target = columns[scored]
         drawn = None if draws is None else (self.lift(draws[0])[:, :block], draws[1])
-        if first_task and drawn is None and len(labels) <= block:
+        first_kernel = first_task and drawn is None and len(labels) <= block
+        if first_kernel:
             scores = _dual_leave_one_out_scores(h[:, :block], onehot, scored, candidates)
         else:
             extra = None if drawn is None else drawn[0]
             gram, cross = self.gram[:block, :block], self.cross[:block]
+            if copies != 1.0:
+                gram = gram + (copies - 1.0) * task_gram[:block, :block]
+                cross = cross + (copies - 1.0) * (h[:, :block].T @ onehot)
             scores = _leave_one_out_scores(gram, cross, h[scored, :block], extra, candidates)
         rows = torch.arange(len(scored))
         hits = []
@@ -552,7 +571,8 @@ class ClassStatistics:
                 hits.append(0.0)
                 continue
             left_out, leverage, extra_predictions = score
-            left_out[rows, target] -= leverage
+            # Outside the first-task kernel path, the leverage is of one copy in the weighted fit.
+            left_out[rows, target] -= leverage if first_kernel else copies * leverage
             count = (left_out.argmax(dim=1) == target).sum()
             if drawn is not None and extra_predictions is not None:
                 count = count + (extra_predictions.argmax(dim=1) == drawn[1]).sum()

@@ -66,6 +66,7 @@ STRATEGIES: dict[str, Callable[[ModelConfig], ModelConfig]] = {
     "fmlora-lambda-smooth": _ridge_head,
     "fmlora-lambda-held-out": _ridge_head,
     "fmlora-views": _ridge_head,
+    "fmlora-views-unweighted": _ridge_head,
     "fmlora-linear": _linear_head,
 }
 
@@ -90,6 +91,8 @@ TRAINING: dict[str, dict[str, Any]] = {
     "fmlora-lambda-smooth": {"lambda_selection": "task", "lambda_scoring": "held_out", "lambda_smoothing": 1},
     # two random resized crops of every training image join the head's class statistics (after λ)
     "fmlora-views": {"statistics_views": 2},
+    # the same, λ scored with each image counted once (its views left out of the weighting)
+    "fmlora-views-unweighted": {"statistics_views": 2, "view_weighting": "none"},
 }
 
 

@@ -389,7 +389,7 @@ def test_unscored_features_join_the_solve_but_not_the_lambda_evidence():
     plain, viewed, by_hand = (ClassStatistics(8, rf) for _ in range(3))
     kwargs = {"selection": "cumulative", "scoring": "leave_one_out"}
     without = plain.add_task(x, y, ["a", "b", "c"], **kwargs)
-    with_views = viewed.add_task(x, y, ["a", "b", "c"], unscored=(views, y), **kwargs)
+    with_views = viewed.add_task(x, y, ["a", "b", "c"], unscored=(views, y), unscored_weighting="none", **kwargs)
     # λ is chosen on the task's own images alone: the same evidence and the same choice.
     assert torch.equal(plain.lambda_evidence, viewed.lambda_evidence)
     assert with_views.relative_lambda == without.relative_lambda
@@ -398,3 +398,46 @@ def test_unscored_features_join_the_solve_but_not_the_lambda_evidence():
     assert viewed.counts.tolist() == [20.0] * 3
     assert torch.allclose(with_views.weight, by_hand.solve(without.relative_lambda), atol=1e-5)
     assert (with_views.weight - without.weight).norm() > 0.05 * without.weight.norm()
+
+
+def test_leave_one_out_with_copies_is_an_explicit_refit_without_every_copy_of_each_image():
+    from fmlora.training.statistics import CUMULATIVE_LAMBDAS
+
+    rf = RandomFeatures(8, 48, seed=5)
+    x, y = _blobs(6, 12, seed=10)
+    x = x + 2.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
+    first, second = y < 3, y >= 3
+    base = ClassStatistics(8, rf)
+    base.add(x[first], y[first], ["a", "b", "c"])
+    task_x, task_y = x[second], y[second] - 3
+    classes = ["d", "e", "f"]
+
+    def copies_of(images, labels, n=3):
+        return images.repeat(n, 1), labels.repeat(n)
+
+    hits = base.copy()._leave_one_out_hits(task_x, task_y, classes, CUMULATIVE_LAMBDAS, 2, None, 0, copies=3.0)[0]
+    expected = []
+    for lam in CUMULATIVE_LAMBDAS:
+        whole = base.copy()
+        whole.add(*copies_of(task_x, task_y), classes)
+        scale = float(whole.gram.diagonal().mean())
+        count = 0
+        for i in range(len(task_y)):
+            rest = torch.arange(len(task_y)) != i
+            refit = base.copy()
+            refit.add(*copies_of(task_x[rest], task_y[rest]), classes)
+            weight = torch.linalg.solve(
+                refit.gram + lam * scale * torch.eye(refit.dim, dtype=torch.float64), refit.cross
+            )
+            count += int((refit.lift(task_x[i : i + 1]) @ weight).argmax() == task_y[i] + 3)
+        expected.append(float(count))
+    assert hits == expected and len(set(expected)) > 1
+    # add_task weighs the task by its unscored views; "none" scores one copy.
+    views = (task_x.repeat(2, 1) + 0.5, task_y.repeat(2))
+    kwargs = {"selection": "cumulative", "scoring": "leave_one_out", "seed": 2, "unscored": views}
+    weighted, plain = base.copy(), base.copy()
+    weighted.add_task(task_x, task_y, classes, **kwargs)
+    plain.add_task(task_x, task_y, classes, unscored_weighting="none", **kwargs)
+    once = base.copy()._leave_one_out_hits(task_x, task_y, classes, CUMULATIVE_LAMBDAS, 2, None, 0)[0]
+    assert weighted.lambda_evidence.tolist() == expected and plain.lambda_evidence.tolist() == once
+    assert once != expected
