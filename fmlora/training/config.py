@@ -12,7 +12,7 @@ __all__ = ["LambdaScoring", "LambdaSelection", "TrainConfig", "UnscoredWeighting
 
 LambdaSelection = Literal["task", "cumulative"]
 LambdaScoring = Literal["held_out", "leave_one_out"]
-UnscoredWeighting = Literal["copies", "none"]
+UnscoredWeighting = Literal["groups", "copies", "none"]
 
 
 class TrainConfig(FrozenConfig):
@@ -97,10 +97,12 @@ class TrainConfig(FrozenConfig):
     # 0: the original images only.
     statistics_views: int = Field(0, ge=0)
     view_scale: tuple[float, float] = (0.7, 1.0)
-    # "copies": while λ is scored, each image counts 1 + statistics_views times, as its views will in
-    # the solve (``ClassStatistics.add_task``); "none" scores it once, outweighed by earlier tasks'
-    # views: on glyphs-grating that chose λ = 0.01 from the second task on and forgot 28 points (README).
-    view_weighting: UnscoredWeighting = "copies"
+    # How the views count while λ is scored (``ClassStatistics.add_task``): "groups" (default) puts
+    # them in G and leaves each image out with its views, so λ is scored on what is solved; "none"
+    # scores without them (outweighed by earlier tasks' views: on glyphs-grating that chose λ = 0.01
+    # from the second task on and forgot 28 points); "copies" without them, each image counted
+    # 1 + statistics_views times (too large a λ on glyphs). README, "Extra views".
+    view_weighting: UnscoredWeighting = "groups"
     loader_workers: int = Field(0, ge=0)
     prefetch_batches: int = Field(4, ge=1)
     augment: bool = False

@@ -132,19 +132,18 @@ def _features_and_queries(
 
 
 @torch.no_grad()
-def _view_features(
-    model: FMLoRAModel, data: ImageSource, cfg: TrainConfig, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-logit features of ``cfg.statistics_views`` random resized crops of every image, and their labels."""
+def _view_features(model: FMLoRAModel, data: ImageSource, cfg: TrainConfig, seed: int) -> torch.Tensor:
+    """Pre-logit features of ``cfg.statistics_views`` random resized crops of every image: (images, views, features)."""
     generator = torch.Generator().manual_seed(seed)
-    features, labels = [], []
-    for x, y in image_batches(data, cfg.eval_batch_size, loader=LoaderConfig(workers=cfg.loader_workers)):
+    features = []
+    for x, _ in image_batches(data, cfg.eval_batch_size, loader=LoaderConfig(workers=cfg.loader_workers)):
         pixels = model.preprocessor(x)
+        batch = []
         for _ in range(cfg.statistics_views):
             views = random_resized_views(pixels, generator, cfg.view_scale).to(model.device)
-            features.append(model.forward_detailed(views).features.float().cpu())
-            labels.append(y)
-    return torch.cat(features), torch.cat(labels)
+            batch.append(model.forward_detailed(views).features.float().cpu())
+        features.append(torch.stack(batch, dim=1))
+    return torch.cat(features)
 
 
 def within_task_error(features: torch.Tensor, labels: torch.Tensor, classes: int) -> float:
@@ -282,8 +281,8 @@ class Learner:
                 old_class_samples=cfg.lambda_old_class_samples,
                 smoothing=cfg.lambda_smoothing,
                 scoring=cfg.lambda_scoring,
-                unscored=views,
-                unscored_weighting=cfg.view_weighting,
+                views=views,
+                view_weighting=cfg.view_weighting,
             )
         record = model.end_task(features.mean(0), task_key)
         if solution is not None and statistics is not None:

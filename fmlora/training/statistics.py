@@ -229,6 +229,71 @@ def _dual_leave_one_out_scores(
         yield (u_scored * shrink) @ projected, (u_scored**2) @ shrink, None
 
 
+def _group_out_predictions(fitted: torch.Tensor, hat: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """Each group's first row predicted by the fit without the whole group: with the group's fitted
+    values F (g x classes), targets Y and hat block P (g x g), the left-out residuals are
+    ``(I − P)⁻¹ (Y − F)``. None where some ``I − P`` is singular (λ too small for the group)."""
+    eye = torch.eye(hat.shape[1], dtype=hat.dtype)
+    residual, info = torch.linalg.solve_ex(eye - hat, targets - fitted)
+    if bool((info != 0).any()):
+        return None
+    return (targets - residual)[:, 0]
+
+
+def _leave_group_out_scores(
+    gram: torch.Tensor, cross: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, candidates: Sequence[float]
+) -> Iterator[torch.Tensor | None]:
+    """Per candidate λ, the prediction of each group's first row (``rows``: m groups x g rows x
+    features, e.g. an image and its views; ``targets`` m x g x classes) by the head solved from
+    everything but that group. One triangular solve ``Z = L⁻¹ [Q | Rᵀ]`` gives the fitted values
+    ``Z_Rᵀ Z_Q`` and the g x g hat blocks ``Z_gᵀ Z_g`` (``_per_candidate``'s precision policy)."""
+    m, g, dim = rows.shape
+    classes = cross.shape[1]
+
+    def score(
+        system: torch.Tensor, factor: torch.Tensor | None, q: torch.Tensor, r: torch.Tensor, y: torch.Tensor
+    ) -> Results | None:
+        if factor is not None:
+            z = torch.linalg.solve_triangular(factor, torch.cat([q, r.T], dim=1), upper=False)
+            fitted = (z[:, classes:].T @ z[:, :classes]).view(m, g, classes)
+            z_rows = z[:, classes:].reshape(dim, m, g)
+            hat = torch.einsum("dma,dmb->mab", z_rows, z_rows)
+        else:
+            solution = _lu_solve(system, torch.cat([q, r.T], dim=1))
+            if solution is None:
+                return None
+            fitted = (r @ solution[:, :classes]).view(m, g, classes)
+            hat = torch.einsum("mad,dmb->mab", r.view(m, g, dim), solution[:, classes:].reshape(dim, m, g))
+        left_out = _group_out_predictions(fitted, hat, y)
+        return None if left_out is None else (left_out,)
+
+    for results in _per_candidate(gram, (cross, rows.reshape(m * g, dim), targets), candidates, score):
+        yield None if results is None else results[0]
+
+
+def _dual_leave_group_out_scores(
+    h: torch.Tensor, onehot: torch.Tensor, groups: torch.Tensor, candidates: Sequence[float]
+) -> Iterator[torch.Tensor | None]:
+    """``_leave_group_out_scores`` for ``G = HᵀH`` of the rows ``h`` themselves (a first task, fewer
+    rows than features): from the rows' kernel ``HHᵀ = U diag(σ) Uᵀ``, the hat matrix is
+    ``U diag(σ / (σ + λ)) Uᵀ``. ``groups`` (m x g) indexes the rows of each group, first the scored one."""
+    scale = float((h * h).sum()) / h.shape[1] or 1.0
+    kernel = h @ h.T
+    sigma, u = torch.linalg.eigh((kernel + kernel.T) / 2)
+    sigma = sigma.clamp_min(0)
+    projected = u.T @ onehot
+    u_groups, targets = u[groups], onehot[groups]
+    for lam in candidates:
+        denominator = sigma + lam * scale
+        if not bool((denominator > 0).all()):
+            yield None
+            continue
+        shrink = sigma / denominator
+        fitted = (u_groups * shrink) @ projected
+        hat = torch.einsum("man,n,mbn->mab", u_groups, shrink, u_groups)
+        yield _group_out_predictions(fitted, hat, targets)
+
+
 def _most_regularised_within(candidates: Sequence[float], hits: Sequence[float], held: int, tolerance: float) -> int:
     """Index of the largest λ whose held-out hits are within ``tolerance`` standard errors of the best.
 
@@ -393,19 +458,18 @@ class ClassStatistics:
         old_class_samples: int = 0,
         smoothing: int = 0,
         scoring: LambdaScoring = "held_out",
-        unscored: tuple[torch.Tensor, torch.Tensor] | None = None,
-        unscored_weighting: UnscoredWeighting = "copies",
+        views: torch.Tensor | None = None,
+        view_weighting: UnscoredWeighting = "groups",
     ) -> RidgeSolution:
         """Add one task's training features and solve, with λ chosen on them (``scoring``, below).
 
-        ``unscored``: more (features, labels) of the task's classes, e.g. augmented views of its
-        images, added to the statistics after λ is chosen and before the one solve: a view of a
-        left-out image would leak into that image's own leave-one-out score. With
-        ``unscored_weighting="copies"`` (leave-one-out scoring only) each scored image counts as
-        ``1 + len(unscored) / len(features)`` copies of itself while λ is scored, so the task weighs in
-        G as it will in the solve: earlier tasks' views are already in G, and scored at one copy a
-        task's classes are outweighed by them and call for too small a λ (measured: README, "Extra
-        views"); the left-out image leaves with all its copies. ``"none"``: one copy.
+        ``views`` (images x k x in_features): k views of each image (e.g. random resized crops), in
+        the images' order; they join the statistics and the solve. How they count while λ is scored
+        (``view_weighting``, leave-one-out scoring): ``"groups"`` puts them in G and leaves each
+        image out *with its views* (a view of a left-out image would leak into its own score), so λ
+        is scored on the statistics that are solved; ``"copies"`` scores without them, each image
+        counted 1 + k times; ``"none"`` scores without them at one copy. Held-out scoring adds them
+        after λ is chosen. Measured: README, "Extra views".
 
         ``scoring_features``: score the candidates on the head made of only the first that many
         random features (the leading block of G is exactly their Gram matrix); None: on the whole
@@ -434,14 +498,27 @@ class ClassStatistics:
             candidates = CUMULATIVE_LAMBDAS if selection == "cumulative" else RELATIVE_LAMBDAS
         hits: list[float] = []
         total = 0
+        if views is not None and (views.ndim != 3 or len(views) != len(features)):
+            raise DataError(f"expected views as ({len(features)}, k, features), got {tuple(views.shape)}")
+        grouped = views is not None and scoring == "leave_one_out" and view_weighting == "groups"
+        if grouped and old_class_samples:
+            raise DataError("views scored in groups cannot be combined with draws of earlier classes")
         if len(candidates) < 2:
             self.add(features, labels, classes)
         elif scoring == "leave_one_out":
             copies = 1.0
-            if unscored is not None and unscored_weighting == "copies":
-                copies = 1.0 + len(unscored[0]) / len(features)
+            if views is not None and view_weighting == "copies":
+                copies = 1.0 + views.shape[1]
             hits, total = self._leave_one_out_hits(
-                features, labels, classes, candidates, seed, scoring_features, old_class_samples, copies
+                features,
+                labels,
+                classes,
+                candidates,
+                seed,
+                scoring_features,
+                old_class_samples,
+                copies,
+                views if grouped else None,
             )
         else:
             hits, total = self._held_out_hits(
@@ -463,8 +540,8 @@ class ClassStatistics:
             else:
                 best = _most_regularised_within(candidates, evidence, total, tolerance)
             lam, accuracy = candidates[best], hits[best] / total
-        if unscored is not None:
-            self.add(unscored[0], unscored[1], classes)
+        if views is not None and not (grouped and hits):
+            self.add(views.reshape(-1, views.shape[2]), labels.repeat_interleave(views.shape[1]), classes)
         return RidgeSolution(self.solve(lam), lam, accuracy)
 
     def _scoring_block(self, scoring_features: int | None) -> int:
@@ -529,6 +606,7 @@ class ClassStatistics:
         scoring_features: int | None,
         old_class_samples: int,
         copies: float = 1.0,
+        views: torch.Tensor | None = None,
     ) -> tuple[list[float], int]:
         """Add the task; return each candidate's leave-one-out hits on (up to ``LEAVE_ONE_OUT_IMAGES``
         of) the task's images, from the whole statistics, and the number of images scored.
@@ -544,7 +622,10 @@ class ClassStatistics:
         ``copies`` (c): the task's images are scored as if each were c identical images, G and Q
         taking ``c HᵀH`` and ``c HᵀY``; leaving out all c copies of image i gives the prediction
         ``(ŷ_i − c H_ii y_i) / (1 − c H_ii)``. On a first task G is the task's alone, and scaling it
-        scales λ's reference (the mean diagonal of G) with it: the scores do not change."""
+        scales λ's reference (the mean diagonal of G) with it: the scores do not change.
+
+        ``views`` (images x k x in_features): added to the statistics too, and each image is left
+        out together with its views (``_leave_group_out_scores``, ``_dual_leave_group_out_scores``)."""
         draws = self._earlier_class_draws(classes, old_class_samples, seed)
         first_task = float(self.counts.sum()) == 0
         columns, task_gram, h, onehot = self.contributions(features, labels, classes)
@@ -564,6 +645,8 @@ class ClassStatistics:
                 gram = gram + (copies - 1.0) * task_gram[:block, :block]
                 cross = cross + (copies - 1.0) * (h[:, :block].T @ onehot)
             scores = _leave_one_out_scores(gram, cross, h[scored, :block], extra, candidates)
+        if views is not None:
+            return self._leave_group_out_hits(labels, classes, candidates, views, h, onehot, scored, block)
         rows = torch.arange(len(scored))
         hits = []
         for score in scores:
@@ -578,6 +661,36 @@ class ClassStatistics:
                 count = count + (extra_predictions.argmax(dim=1) == drawn[1]).sum()
             hits.append(float(count))
         return hits, len(scored) + (0 if drawn is None else len(drawn[1]))
+
+    def _leave_group_out_hits(
+        self,
+        labels: torch.Tensor,
+        classes: Sequence[str],
+        candidates: Sequence[float],
+        views: torch.Tensor,
+        h: torch.Tensor,
+        onehot: torch.Tensor,
+        scored: torch.Tensor,
+        block: int,
+    ) -> tuple[list[float], int]:
+        """``_leave_one_out_hits`` with the task's ``views`` in the statistics: each scored image is
+        left out with its views (its images are already added, as ``h``; this adds the views)."""
+        first_task = float(self.counts.sum()) == len(labels)
+        n, k = views.shape[:2]
+        flat = views.reshape(n * k, -1)
+        view_columns, view_gram, view_h, view_onehot = self.contributions(flat, labels.repeat_interleave(k), classes)
+        self._accumulate(flat, view_columns, view_gram, view_h, view_onehot)
+        target = self._columns(classes)[labels[scored]]
+        if first_task and n * (1 + k) <= block:
+            rows = torch.cat([h, view_h])[:, :block]
+            groups = torch.cat([scored.unsqueeze(1), n + scored.unsqueeze(1) * k + torch.arange(k)], dim=1)
+            scores = _dual_leave_group_out_scores(rows, torch.cat([onehot, view_onehot]), groups, candidates)
+        else:
+            rows = torch.cat([h[scored].unsqueeze(1), view_h.view(n, k, -1)[scored]], dim=1)[:, :, :block]
+            targets = onehot[scored].unsqueeze(1).expand(-1, 1 + k, -1)
+            scores = _leave_group_out_scores(self.gram[:block, :block], self.cross[:block], rows, targets, candidates)
+        hits = [0.0 if left_out is None else float((left_out.argmax(dim=1) == target).sum()) for left_out in scores]
+        return hits, len(scored)
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         """Tensors and a JSON-able meta dict that restore these statistics exactly (worker state)."""

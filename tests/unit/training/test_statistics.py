@@ -382,27 +382,7 @@ def test_kernel_and_factorised_leave_one_out_scores_agree():
         assert torch.allclose(p[1].double(), d[1], atol=tol, rtol=tol), lam
 
 
-def test_unscored_features_join_the_solve_but_not_the_lambda_evidence():
-    x, y = _blobs(3, 10, seed=4)
-    views = x + 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
-    rf = RandomFeatures(8, 48, seed=3)
-    plain, viewed, by_hand = (ClassStatistics(8, rf) for _ in range(3))
-    kwargs = {"selection": "cumulative", "scoring": "leave_one_out"}
-    without = plain.add_task(x, y, ["a", "b", "c"], **kwargs)
-    with_views = viewed.add_task(x, y, ["a", "b", "c"], unscored=(views, y), unscored_weighting="none", **kwargs)
-    # λ is chosen on the task's own images alone: the same evidence and the same choice.
-    assert torch.equal(plain.lambda_evidence, viewed.lambda_evidence)
-    assert with_views.relative_lambda == without.relative_lambda
-    # The solution is the one from all the images and their views.
-    by_hand.add(torch.cat([x, views]), torch.cat([y, y]), ["a", "b", "c"])
-    assert viewed.counts.tolist() == [20.0] * 3
-    assert torch.allclose(with_views.weight, by_hand.solve(without.relative_lambda), atol=1e-5)
-    assert (with_views.weight - without.weight).norm() > 0.05 * without.weight.norm()
-
-
-def test_leave_one_out_with_copies_is_an_explicit_refit_without_every_copy_of_each_image():
-    from fmlora.training.statistics import CUMULATIVE_LAMBDAS
-
+def _views_test_data():
     rf = RandomFeatures(8, 48, seed=5)
     x, y = _blobs(6, 12, seed=10)
     x = x + 2.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
@@ -410,34 +390,83 @@ def test_leave_one_out_with_copies_is_an_explicit_refit_without_every_copy_of_ea
     base = ClassStatistics(8, rf)
     base.add(x[first], y[first], ["a", "b", "c"])
     task_x, task_y = x[second], y[second] - 3
-    classes = ["d", "e", "f"]
+    views = task_x.unsqueeze(1) + 1.5 * torch.randn(len(task_x), 2, 8, generator=torch.Generator().manual_seed(12))
+    return base, task_x, task_y, views
 
-    def copies_of(images, labels, n=3):
-        return images.repeat(n, 1), labels.repeat(n)
 
-    hits = base.copy()._leave_one_out_hits(task_x, task_y, classes, CUMULATIVE_LAMBDAS, 2, None, 0, copies=3.0)[0]
+def _refit_hits(base, task_x, task_y, views, classes, candidates, offset):
+    """By hand: for each image, the head solved from everything but the image and its views."""
     expected = []
-    for lam in CUMULATIVE_LAMBDAS:
+    for lam in candidates:
         whole = base.copy()
-        whole.add(*copies_of(task_x, task_y), classes)
+        whole.add(torch.cat([task_x, views.reshape(-1, 8)]), torch.cat([task_y, task_y.repeat_interleave(2)]), classes)
         scale = float(whole.gram.diagonal().mean())
         count = 0
         for i in range(len(task_y)):
             rest = torch.arange(len(task_y)) != i
             refit = base.copy()
-            refit.add(*copies_of(task_x[rest], task_y[rest]), classes)
-            weight = torch.linalg.solve(
-                refit.gram + lam * scale * torch.eye(refit.dim, dtype=torch.float64), refit.cross
-            )
-            count += int((refit.lift(task_x[i : i + 1]) @ weight).argmax() == task_y[i] + 3)
+            kept = torch.cat([task_x[rest], views[rest].reshape(-1, 8)])
+            refit.add(kept, torch.cat([task_y[rest], task_y[rest].repeat_interleave(2)]), classes)
+            system = refit.gram + lam * scale * torch.eye(refit.dim, dtype=torch.float64)
+            weight = torch.linalg.solve(system, refit.cross)
+            count += int((refit.lift(task_x[i : i + 1]) @ weight).argmax() == task_y[i] + offset)
         expected.append(float(count))
-    assert hits == expected and len(set(expected)) > 1
-    # add_task weighs the task by its unscored views; "none" scores one copy.
-    views = (task_x.repeat(2, 1) + 0.5, task_y.repeat(2))
-    kwargs = {"selection": "cumulative", "scoring": "leave_one_out", "seed": 2, "unscored": views}
-    weighted, plain = base.copy(), base.copy()
-    weighted.add_task(task_x, task_y, classes, **kwargs)
-    plain.add_task(task_x, task_y, classes, unscored_weighting="none", **kwargs)
-    once = base.copy()._leave_one_out_hits(task_x, task_y, classes, CUMULATIVE_LAMBDAS, 2, None, 0)[0]
-    assert weighted.lambda_evidence.tolist() == expected and plain.lambda_evidence.tolist() == once
-    assert once != expected
+    return expected
+
+
+def test_views_are_left_out_with_their_image_and_join_the_solve():
+    from fmlora.training.statistics import CUMULATIVE_LAMBDAS
+
+    base, task_x, task_y, views = _views_test_data()
+    classes = ["d", "e", "f"]
+    expected = _refit_hits(base, task_x, task_y, views, classes, CUMULATIVE_LAMBDAS, 3)
+    stats = base.copy()
+    solution = stats.add_task(task_x, task_y, classes, selection="cumulative", scoring="leave_one_out", views=views)
+    assert stats.lambda_evidence.tolist() == expected and len(set(expected)) > 1
+    by_hand = base.copy()
+    by_hand.add(torch.cat([task_x, views.reshape(-1, 8)]), torch.cat([task_y, task_y.repeat_interleave(2)]), classes)
+    assert stats.counts.tolist() == by_hand.counts.tolist() == [12.0] * 3 + [36.0] * 3
+    assert torch.allclose(solution.weight, by_hand.solve(solution.relative_lambda), atol=1e-5)
+
+
+def test_a_first_tasks_views_are_left_out_with_their_image_through_the_kernel():
+    from fmlora.training.statistics import CUMULATIVE_LAMBDAS
+
+    _, task_x, task_y, views = _views_test_data()
+    empty = ClassStatistics(8, RandomFeatures(8, 160, seed=6))  # 36 images x 3 rows <= 160 features: the kernel
+    classes = ["d", "e", "f"]
+    expected = _refit_hits(empty, task_x, task_y, views, classes, CUMULATIVE_LAMBDAS, 0)
+    stats = empty.copy()
+    stats.add_task(task_x, task_y, classes, selection="cumulative", scoring="leave_one_out", views=views)
+    assert stats.lambda_evidence.tolist() == expected and len(set(expected)) > 1
+
+
+def test_views_scored_as_copies_or_not_at_all_stay_out_of_the_scoring_statistics():
+    from fmlora.training.statistics import CUMULATIVE_LAMBDAS
+
+    base, task_x, task_y, views = _views_test_data()
+    classes = ["d", "e", "f"]
+    kwargs = {"selection": "cumulative", "scoring": "leave_one_out", "views": views}
+    plain, copies = base.copy(), base.copy()
+    plain.add_task(task_x, task_y, classes, view_weighting="none", **kwargs)
+    copies.add_task(task_x, task_y, classes, view_weighting="copies", **kwargs)
+    once = base.copy()._leave_one_out_hits(task_x, task_y, classes, CUMULATIVE_LAMBDAS, 0, None, 0)[0]
+    thrice = base.copy()._leave_one_out_hits(task_x, task_y, classes, CUMULATIVE_LAMBDAS, 0, None, 0, copies=3.0)[0]
+    assert plain.lambda_evidence.tolist() == once and copies.lambda_evidence.tolist() == thrice and once != thrice
+    assert plain.counts.tolist() == copies.counts.tolist() == [12.0] * 3 + [36.0] * 3
+
+
+def test_leave_one_out_with_copies_is_an_explicit_refit_without_every_copy_of_each_image():
+    from fmlora.training.statistics import CUMULATIVE_LAMBDAS
+
+    base, task_x, task_y, _ = _views_test_data()
+    classes = ["d", "e", "f"]
+    hits = base.copy()._leave_one_out_hits(task_x, task_y, classes, CUMULATIVE_LAMBDAS, 2, None, 0, copies=3.0)[0]
+    copies = task_x.unsqueeze(1).expand(-1, 2, -1)  # two exact copies besides the image: three in all
+    assert hits == _refit_hits(base, task_x, task_y, copies, classes, CUMULATIVE_LAMBDAS, 3)
+
+
+def test_views_of_the_wrong_shape_are_refused():
+    base, task_x, task_y, views = _views_test_data()
+    with pytest.raises(DataError, match="views"):
+        base.copy().add_task(task_x, task_y, ["d", "e", "f"], scoring="leave_one_out", views=views[:5])
