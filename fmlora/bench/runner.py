@@ -244,6 +244,7 @@ def _run_sequential(method: str, config: ModelConfig, tasks: list[TaskData], lea
         "feature_drift_per_task": [None if r.feature_drift is None else round(r.feature_drift, 5) for r in reports],
         "drift_compensated_per_task": [r.drift_compensated for r in reports],
         "pre_task_error_per_task": [None if r.pre_task_error is None else round(r.pre_task_error, 4) for r in reports],
+        "views_per_task": [r.views for r in reports],
         "novel_per_task": [r.novel for r in reports],
         "relative_lambda_per_task": [r.relative_lambda for r in reports],
     }

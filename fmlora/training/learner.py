@@ -67,6 +67,8 @@ class TaskReport(BaseModel):
     novel: bool | None = None
     # The ridge head's λ (relative to the mean diagonal of its Gram matrix); None with a linear head.
     relative_lambda: float | None = None
+    # Extra views of each training image that joined the class statistics (TrainConfig.statistics_views).
+    views: int = 0
 
 
 ProgressCallback = Callable[[TrainingProgress], None]
@@ -144,6 +146,13 @@ def _view_features(model: FMLoRAModel, data: ImageSource, cfg: TrainConfig, seed
             batch.append(model.forward_detailed(views).features.float().cpu())
         features.append(torch.stack(batch, dim=1))
     return torch.cat(features)
+
+
+def _familiar(before: torch.Tensor, task: TaskData, cfg: TrainConfig) -> bool:
+    """Whether the features before the task separate its classes well enough for views (TrainConfig)."""
+    if cfg.views_max_task_error is None:
+        return True
+    return within_task_error(before, task.train.labels, len(task.classes)) < cfg.views_max_task_error
 
 
 def within_task_error(features: torch.Tensor, labels: torch.Tensor, classes: int) -> float:
@@ -262,6 +271,7 @@ class Learner:
         # Solved before the task ends (in eval mode the live factors give the folded outputs), so a
         # failure still rolls the task back; only assigning the rows is left for after.
         solution, drift_size, compensated = None, None, False
+        views: torch.Tensor | None = None
         if statistics is not None and before is not None and after is not None:
             salt = cfg.seed * 1009 + len(model.tasks)
             drift = fit_affine_drift(before, after, cfg.drift_ridge)
@@ -269,7 +279,8 @@ class Learner:
             if trained and cfg.drift_compensation == "affine" and statistics.labels:
                 compensate_drift(statistics, drift, samples_per_class=cfg.drift_samples, seed=salt)
                 compensated = True
-            views = _view_features(model, task.train, cfg, salt) if cfg.statistics_views else None
+            if cfg.statistics_views and _familiar(before, task, cfg):
+                views = _view_features(model, task.train, cfg, salt)
             solution = statistics.add_task(
                 after,
                 task.train.labels,
@@ -299,6 +310,7 @@ class Learner:
             feature_drift=drift_size,
             drift_compensated=compensated,
             pre_task_error=pre_task_error,
+            views=0 if views is None else int(views.shape[1]),
             novel=novel,
             relative_lambda=None if solution is None else solution.relative_lambda,
         )

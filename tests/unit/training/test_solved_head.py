@@ -199,13 +199,32 @@ def test_extra_views_join_the_statistics_and_the_head_is_solved_with_them():
     stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=6, test_per_class=2)
     model = _ridge_model()
     stats = new_statistics(model)
-    learner = Learner(_cfg(statistics_views=2))
+    learner = Learner(_cfg(statistics_views=2, views_max_task_error=None))
     reports = [learner.learn_task(model, task, statistics=stats) for task in stream]
     # Each training image counts once as itself and once per view.
-    assert stats.counts.tolist() == [18.0] * 4
+    assert stats.counts.tolist() == [18.0] * 4 and [r.views for r in reports] == [2, 2]
     lam = reports[-1].relative_lambda
     assert lam in CUMULATIVE_LAMBDAS
     assert torch.allclose(model.head.weight, stats.solve(lam).T.half().float(), atol=1e-6)
+
+
+@pytest.mark.parametrize(("threshold", "views"), [(0.6, 2), (0.4, 0), (None, 2)])
+def test_views_only_for_a_task_whose_classes_the_features_already_separate(monkeypatch, threshold, views):
+    import fmlora.training.learner as learner_module
+
+    measured = []
+
+    def error(features, labels, classes):
+        measured.append(len(features))
+        return 0.5
+
+    monkeypatch.setattr(learner_module, "within_task_error", error)
+    (task,) = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=6, test_per_class=2)
+    stats = new_statistics(model := _ridge_model())
+    report = Learner(_cfg(statistics_views=2, views_max_task_error=threshold)).learn_task(model, task, statistics=stats)
+    assert report.views == views and stats.counts.tolist() == [6.0 * (1 + views)] * 2
+    # The error is measured on the task's own training images (none needed without a threshold).
+    assert measured == ([] if threshold is None else [len(task.train)])
 
 
 def test_a_view_scale_outside_the_image_is_refused():
