@@ -37,8 +37,7 @@ def test_statistics_views_come_from_the_environment_or_the_default(tmp_path, cap
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, ["worker", "--home", home], env={"FMLORA_WORKER_STATISTICS_VIEWS": None})
     assert result.exit_code == 0, result.output
-    # The worker's default differs from TrainConfig's on purpose (fmlora/cli.py).
-    assert [c.train.statistics_views for c in captured] == [3, 2] and TrainConfig().statistics_views == 0
+    assert [c.train.statistics_views for c in captured] == [3, 0] == [3, TrainConfig().statistics_views]
 
 
 def test_a_negative_number_of_views_is_refused(tmp_path, captured):

