@@ -241,11 +241,9 @@ def test_the_lambda_rule_takes_the_most_regularised_candidate_the_evidence_canno
 def test_gaussian_draws_of_earlier_classes_join_the_held_out_fifth_when_asked():
     from fmlora.training.statistics import RELATIVE_LAMBDAS
 
-    rf = RandomFeatures(8, 48, seed=5)
-    x, y = _blobs(6, 16, seed=8)
-    x = x + 2.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    x, y = _overlapping_blobs(16, seed=8, spread=2.0)
     first, second = y < 3, y >= 3
-    base = ClassStatistics(8, rf)
+    base = ClassStatistics(8, RandomFeatures(8, 48, seed=5))
     base.add_task(x[first], y[first], ["a", "b", "c"], seed=1)
     plain = base.copy().add_task(x[second], y[second] - 3, ["d", "e", "f"], seed=2, tolerance=None)
     mixed = base.copy().add_task(x[second], y[second] - 3, ["d", "e", "f"], seed=2, tolerance=None, old_class_samples=5)
@@ -301,13 +299,7 @@ def test_smoothed_lambda_is_the_arg_max_of_the_smoothed_held_out_hits():
 def test_leave_one_out_hits_are_those_of_explicit_refits_without_each_image():
     from fmlora.training.statistics import RELATIVE_LAMBDAS
 
-    rf = RandomFeatures(8, 48, seed=5)
-    x, y = _blobs(6, 12, seed=10)
-    x = x + 2.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
-    first, second = y < 3, y >= 3
-    base = ClassStatistics(8, rf)
-    base.add(x[first], y[first], ["a", "b", "c"])
-    task_x, task_y = x[second], y[second] - 3
+    base, task_x, task_y, _ = _views_test_data()
     chosen = base.copy().add_task(task_x, task_y, ["d", "e", "f"], seed=2, scoring="leave_one_out")
     # By hand: for every image of the task, the head solved from everything else, scored on it.
     hits = []
@@ -382,12 +374,16 @@ def test_kernel_and_factorised_leave_one_out_scores_agree():
         assert torch.allclose(p[1].double(), d[1], atol=tol, rtol=tol), lam
 
 
+def _overlapping_blobs(per_class: int, seed: int, spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Six classes whose blobs overlap (extra noise), so λ candidates differ in their hits."""
+    x, y = _blobs(6, per_class, seed=seed)
+    return x + spread * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)), y
+
+
 def _views_test_data():
-    rf = RandomFeatures(8, 48, seed=5)
-    x, y = _blobs(6, 12, seed=10)
-    x = x + 2.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
+    x, y = _overlapping_blobs(12, seed=10, spread=2.5)
     first, second = y < 3, y >= 3
-    base = ClassStatistics(8, rf)
+    base = ClassStatistics(8, RandomFeatures(8, 48, seed=5))
     base.add(x[first], y[first], ["a", "b", "c"])
     task_x, task_y = x[second], y[second] - 3
     views = task_x.unsqueeze(1) + 1.5 * torch.randn(len(task_x), 2, 8, generator=torch.Generator().manual_seed(12))
