@@ -92,20 +92,19 @@ class TrainConfig(FrozenConfig):
     # picked too small a λ on glyphs-dil (README, "What did not work"), so None is the default.
     lambda_scoring_features: int | None = Field(None, ge=1)
     # Extra random-resized-crop views of every training image (fmlora/data/views.py), taken under
-    # the trained model and added to the class statistics after λ is chosen (λ is scored on the
-    # original images only: a view of a left-out image would leak into its own leave-one-out score).
-    # 0: the original images only.
+    # the trained model and added to the class statistics (how they count while λ is scored:
+    # view_weighting). 0: the original images only (the default here and in the worker: README).
     statistics_views: int = Field(0, ge=0)
     view_scale: tuple[float, float] = (0.7, 1.0)
     # Views only for a task whose classes the features before it already separate: within-task
     # nearest-class-mean error on its training images below this (None: every task). A crop keeps
     # the label only where the features see the class and not a nuisance; on glyphs-grating, whose
-    # tasks measure 0.34-0.57 (glyphs 0.04-0.14, glyphs-dil 0.16-0.31), crops change the grating's
-    # period, and views on every task cost 2.4 points and 10 of forgetting (README, "Extra views").
+    # tasks measure 0.34-0.87 (glyphs 0.04-0.25, glyphs-dil 0.16-0.31), crops change the grating's
+    # period, and views on every task cost up to 2.4 points and 10 of forgetting (README, "Extra views").
     views_max_task_error: float | None = Field(0.33, gt=0, le=1)
     # How the views count while λ is scored (``ClassStatistics.add_task``): "groups" (default) puts
     # them in G and leaves each image out with its views, so λ is scored on what is solved; "none"
-    # scores without them (outweighed by earlier tasks' views: on glyphs-grating that chose λ = 0.01
+    # scores without them (outweighed by earlier tasks' views: on glyphs-grating that chose λ <= 0.03
     # from the second task on and forgot 28 points); "copies" without them, each image counted
     # 1 + statistics_views times (too large a λ on glyphs). README, "Extra views".
     view_weighting: UnscoredWeighting = "groups"
