@@ -61,6 +61,11 @@ def parent_alive(pid: int, direct: bool) -> bool:
         return True
 
 
+def _exit_hard(grace_s: float) -> None:
+    os.write(2, f"the worker did not stop within {grace_s:.0f} s of its parent's death; exiting\n".encode())
+    os._exit(1)
+
+
 def watch_parent(
     pid: int, stop: Callable[[], None], *, interval_s: float = 0.5, grace_s: float = 30.0
 ) -> threading.Thread:
@@ -73,10 +78,12 @@ def watch_parent(
         while parent_alive(pid, direct):
             threading.Event().wait(interval_s)
         log.error("the parent process %d is gone; stopping this worker (its task goes back to the queue)", pid)
+        # Armed before stop(), and without logging's locks: the hard exit must happen even if
+        # stopping blocks.
+        deadline = threading.Timer(grace_s, _exit_hard, args=(grace_s,))
+        deadline.daemon = True
+        deadline.start()
         stop()
-        threading.Event().wait(grace_s)
-        log.error("the worker did not stop within %.0f s of its parent's death; exiting", grace_s)
-        os._exit(1)
 
     thread = threading.Thread(target=run, name="fmlora-parent-watch", daemon=True)
     thread.start()

@@ -83,6 +83,7 @@ class Worker:
         self._heartbeat_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
+        self._stop_requested = False
         self._eval_cache: dict[str, ImageSource] = {}
         # The frozen backbone's features of each task's held-out images: they never change (the
         # backbone is frozen), so the baseline computes them once per task, not once per version.
@@ -145,14 +146,21 @@ class Worker:
         self.release()
 
     def stop(self) -> None:
-        """Ask the worker to stop: training abandons at its next step; the task is queued again."""
-        self._stop.set()
+        """Ask the worker to stop: training abandons at its next step; the task is queued again.
+
+        Safe in a signal handler: there it only sets a flag. Setting the Event takes its lock, which
+        the main thread (the one a handler interrupts) may hold inside ``self._stop.wait``: a worker
+        deadlocked that way once, its server gone. Off the main thread the Event is set too, so
+        waits end at once; on it, they notice the flag within a poll interval."""
+        self._stop_requested = True
+        if threading.current_thread() is not threading.main_thread():
+            self._stop.set()
 
     # -- loop ----------------------------------------------------------------------------------
     def run_forever(self, *, exit_when_idle: bool = False) -> None:
         """Train tasks until ``stop()`` (or, with ``exit_when_idle``, until the queue is empty)."""
         try:
-            while not self._stop.is_set():
+            while not self._stop_requested:
                 try:
                     if not self._hold_lease():
                         self._stop.wait(self.config.poll_interval_s)
@@ -217,7 +225,7 @@ class Worker:
             self._on_stage(stage, info)
 
     def _check_running(self) -> None:
-        if self._stop.is_set() or self._lease_lost.is_set():
+        if self._stop_requested or self._lease_lost.is_set():
             raise _Abandon
 
     def _start_model(self) -> tuple[FMLoRAModel, VersionInfo | None, WorkerState | None]:

@@ -289,3 +289,30 @@ def test_database_outage_mid_task_the_worker_resumes_and_the_task_completes_once
         for thread in outage:
             thread.join()
         cluster.drop_database(name)
+
+
+def test_stop_is_safe_in_a_signal_handler_that_interrupts_a_wait(home: Registry) -> None:
+    import threading
+
+    worker = Worker(home, WorkerConfig(train=FAST))
+    # A handler runs in the main thread between bytecodes, possibly while that thread holds the
+    # stop Event's lock inside its wait: stop() must take no lock there (it deadlocked once).
+    with worker._stop._cond:
+        previous = signal.signal(signal.SIGUSR1, lambda *_: worker.stop())
+        try:
+            done = threading.Event()
+            timer = threading.Timer(5.0, lambda: done.is_set() or os.kill(os.getpid(), signal.SIGTERM))
+            timer.daemon = True
+            timer.start()
+            signal.raise_signal(signal.SIGUSR1)
+            done.set()
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+    assert worker._stop_requested and not worker._stop.is_set()
+    worker.run_forever()  # returns at once: the flag is checked before any work
+    # From another thread, the Event is set too, so waits end at once.
+    other = Worker(home, WorkerConfig(train=FAST))
+    thread = threading.Thread(target=other.stop)
+    thread.start()
+    thread.join(5)
+    assert other._stop.is_set() and other._stop_requested
