@@ -76,6 +76,11 @@ def bench(
         help="Train on the first N images of each class only (e.g. 32 of the glyphs' 40: what the worker "
         "learns from once intake holds out a fifth for the gate).",
     ),
+    fold_in_rest: bool = typer.Option(
+        False,
+        help="With --train-per-class: after each task, solve the ridge head from the images left out "
+        "of training too, as the worker does with its gate images once a candidate passes.",
+    ),
 ) -> None:
     """Run continual-learning methods on a task stream; write results.json, summary.md and plots."""
     options, model_options = _options(train_option, "--train-option"), _options(model_option, "--model-option")
@@ -93,6 +98,7 @@ def bench(
         train_options=options,
         model_options=model_options,
         train_per_class=train_per_class,
+        fold_in_rest=fold_in_rest,
     )
     try:
         results = run_benchmark(spec)
@@ -198,6 +204,12 @@ def worker(
         help="Random resized crops of each training image added to the ridge head's class statistics "
         "(0: the images only). Each costs one more forward pass over the task's images.",
     ),
+    fold_in_held_out: bool = typer.Option(
+        True,
+        envvar="FMLORA_WORKER_FOLD_IN_HELD_OUT",
+        help="Once a candidate passes the gate, solve the served head from the task's held-out images "
+        "too (the gate keeps scoring heads that never saw them); --no-fold-in-held-out serves the gated head.",
+    ),
     min_new_task_accuracy: float = typer.Option(
         0.0,
         envvar="FMLORA_GATE_MIN_NEW_TASK_ACCURACY",
@@ -270,6 +282,7 @@ def worker(
                 baseline_tolerance=baseline_tolerance,
             ),
             keep_versions=keep_versions,
+            fold_in_held_out=fold_in_held_out,
         )
     except FmloraError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -20,7 +20,7 @@ import torch
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from fmlora.data.images import TaskData, concat_sources, first_per_class
+from fmlora.data.images import ImageSource, TaskData, after_first_per_class, concat_sources, first_per_class
 from fmlora.data.synthetic import make_synthetic_stream
 from fmlora.errors import ConfigError, DataError
 from fmlora.model.config import AdapterConfig, BackboneConfig, ModelConfig, PromptConfig, override_backbone
@@ -187,6 +187,9 @@ class BenchSpec:
     # Train on only the first this many images of each class of every task (None: all): e.g. 32 of
     # the glyphs' 40, what a worker learns from once intake holds out a fifth for the promotion gate.
     train_per_class: int | None = None
+    # With train_per_class: the images left out of training join the ridge head after each task
+    # (fold_in_held_out), as a worker's gate images do once its candidate passes the gate.
+    fold_in_rest: bool = False
 
 
 def _model_config(bench: Benchmark, backbone: BackboneConfig) -> ModelConfig:
@@ -220,8 +223,16 @@ def _snapshot_bytes(model: FMLoRAModel) -> tuple[int, int]:
         return adapter, total
 
 
-def _run_sequential(method: str, config: ModelConfig, tasks: list[TaskData], learner: Learner) -> dict[str, Any]:
+def _run_sequential(
+    method: str,
+    config: ModelConfig,
+    tasks: list[TaskData],
+    learner: Learner,
+    held_out: list[ImageSource] | None = None,
+) -> dict[str, Any]:
     model = FMLoRAModel(apply_strategy(method, config))
+    if model.head.feature_map is None:
+        held_out = None  # only a solved head can take images after training
     adapter_bytes: list[int] = []
     snapshot_bytes: list[int] = []
 
@@ -230,9 +241,10 @@ def _run_sequential(method: str, config: ModelConfig, tasks: list[TaskData], lea
         adapter_bytes.append(adapter)
         snapshot_bytes.append(total)
 
-    matrix, reports = learner.learn_stream(model, tasks, on_task_end=measure)
+    matrix, reports = learner.learn_stream(model, tasks, on_task_end=measure, held_out=held_out)
     return {
         **matrix.summary(),
+        "held_out_folded_in": held_out is not None,
         "prompt_modes": _prompt_modes(model, tasks, learner) if model.prompt_bank is not None else None,
         "trainable_params_per_task": [r.trainable_parameters for r in reports],
         "adapter_bytes_per_task": adapter_bytes,
@@ -326,8 +338,13 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
     runs = tqdm(total=len(spec.seeds) * len(spec.methods), desc=f"bench {spec.benchmark}", disable=None)
     for seed in spec.seeds:
         tasks = bench.build(seed, num_tasks, image_size, spec.data_root)
+        rest = None
         if spec.train_per_class is not None:
+            if spec.fold_in_rest:
+                rest = [after_first_per_class(t.train, spec.train_per_class) for t in tasks]
             tasks = [replace(t, train=first_per_class(t.train, spec.train_per_class)) for t in tasks]
+        elif spec.fold_in_rest:
+            raise ConfigError("folding in the rest needs --train-per-class (what is left out of training)")
         if len(tasks) < 2:
             raise DataError("a continual-learning benchmark needs at least two tasks")
         for method in spec.methods:
@@ -340,7 +357,7 @@ def run_benchmark(spec: BenchSpec) -> list[dict[str, Any]]:
             elif method in BASELINES:
                 measured = run_baseline(method, config, tasks, learner.config, seed)
             else:
-                measured = _run_sequential(method, config, tasks, learner)
+                measured = _run_sequential(method, config, tasks, learner, rest)
             results.append(
                 {
                     "benchmark": spec.benchmark,

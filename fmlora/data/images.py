@@ -213,19 +213,34 @@ class SubsetImages:
         return self.source.fetch(self.index[index])
 
 
-def first_per_class(source: ImageSource, count: int) -> ImageSource:
-    """The first ``count`` images of every class of ``source`` (all of a class that has fewer), in
-    their original order: e.g. what a worker trains on once intake has held out the gate's share."""
+def _first_per_class_mask(labels: torch.Tensor, count: int) -> torch.Tensor:
     if count < 1:
         raise DataError(f"keep at least one image per class, not {count}")
-    labels = source.labels
     keep = torch.zeros(len(labels), dtype=torch.bool)
     for c in labels.unique().tolist():
         keep[(labels == c).nonzero().flatten()[:count]] = True
-    index = keep.nonzero().flatten()
+    return keep
+
+
+def _subset(source: ImageSource, index: torch.Tensor) -> ImageSource:
     if isinstance(source, ImageSet):
-        return ImageSet(source.images[index], labels[index], source.classes)
+        return ImageSet(source.images[index], source.labels[index], source.classes)
     return SubsetImages(source, index)
+
+
+def first_per_class(source: ImageSource, count: int) -> ImageSource:
+    """The first ``count`` images of every class of ``source`` (all of a class that has fewer), in
+    their original order: e.g. what a worker trains on once intake has held out the gate's share."""
+    return _subset(source, _first_per_class_mask(source.labels, count).nonzero().flatten())
+
+
+def after_first_per_class(source: ImageSource, count: int) -> ImageSource:
+    """Every image of ``source`` that ``first_per_class(source, count)`` leaves out, in order: the
+    gate's share in a benchmark that plays the worker."""
+    rest = (~_first_per_class_mask(source.labels, count)).nonzero().flatten()
+    if len(rest) == 0:
+        raise DataError(f"no class has more than {count} images: nothing is left after the first {count}")
+    return _subset(source, rest)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from .learner import (
     TrainingProgress,
     collect_features,
     evaluate,
+    fold_in_held_out,
     new_statistics,
     within_task_error,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "compensate_drift",
     "evaluate",
     "fit_affine_drift",
+    "fold_in_held_out",
     "held_out_split",
     "linear_probe",
     "ncm_logits",

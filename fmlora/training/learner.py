@@ -32,6 +32,7 @@ __all__ = [
     "TrainingProgress",
     "collect_features",
     "evaluate",
+    "fold_in_held_out",
     "new_statistics",
     "within_task_error",
 ]
@@ -163,6 +164,30 @@ def within_task_error(features: torch.Tensor, labels: torch.Tensor, classes: int
     return float((predicted != labels).double().mean())
 
 
+@torch.no_grad()
+def fold_in_held_out(
+    model: FMLoRAModel,
+    statistics: ClassStatistics,
+    held_out: ClassStatistics,
+    images: ImageSource,
+    relative_lambda: float,
+    batch_size: int = 128,
+    workers: int = 0,
+) -> None:
+    """Add ``images`` (of classes the model knows, kept out of training and of λ's choice: the
+    worker's gate images) to ``held_out``, then solve ``model``'s head from ``statistics`` and
+    ``held_out`` together at ``relative_lambda``. ``statistics`` itself is left as it is, so the
+    next task's λ and training, and every later gate, see only the training images."""
+    model.eval()
+    features = collect_features(model, images, batch_size, lambda x: model.forward_detailed(x).features, workers)
+    trial = held_out.copy()
+    trial.add(features, images.labels, images.classes)
+    merged = statistics.merged(trial)
+    weight = merged.solve(relative_lambda)
+    model.head.set_rows(weight.T[[merged.labels.index(label) for label in model.head.labels]])
+    held_out.replace_with(trial)
+
+
 def new_statistics(model: FMLoRAModel) -> ClassStatistics:
     """Empty class statistics for ``model``'s ridge head (its random features, its feature size)."""
     return ClassStatistics(model.embed_dim, model.head.feature_map)
@@ -178,11 +203,16 @@ class Learner:
         task: TaskData,
         progress: ProgressCallback | None = None,
         statistics: ClassStatistics | None = None,
+        held_out: ClassStatistics | None = None,
     ) -> TaskReport:
         """Train ``model`` on ``task`` and fold it in; the model is then ready to serve or save.
 
         A ridge head is solved from ``statistics`` (required then), to which the task's class
         statistics are added: on failure neither the model nor the statistics change.
+
+        ``held_out``: statistics of images kept out of training and of λ's choice (the worker's
+        gate images, which join the served head once the gate has passed): never solved from here,
+        but moved with ``statistics`` when the task's training moves the features.
         """
         cfg = self.config
         started = time.perf_counter()
@@ -201,13 +231,16 @@ class Learner:
             raise DataError("a model with a ridge head learns with class statistics (learn_stream keeps them)")
         model.begin_task(task.name, task.kind, task.classes, complexity, novelty, generator=generator)
         trial = statistics.copy() if statistics is not None else None
+        held_out_trial = held_out.copy() if held_out is not None else None
         try:
-            report = self._train_and_fold(model, task, features, generator, started, progress, trial)
+            report = self._train_and_fold(model, task, features, generator, started, progress, trial, held_out_trial)
         except BaseException:
             model.abort_task()  # a failed or interrupted task leaves no trace
             raise
         if statistics is not None and trial is not None:
             statistics.replace_with(trial)
+        if held_out is not None and held_out_trial is not None:
+            held_out.replace_with(held_out_trial)
         return report
 
     def _train_and_fold(
@@ -219,6 +252,7 @@ class Learner:
         started: float,
         progress: ProgressCallback | None,
         statistics: ClassStatistics | None,
+        held_out: ClassStatistics | None = None,
     ) -> TaskReport:
         cfg = self.config
         device = model.device
@@ -278,6 +312,8 @@ class Learner:
             drift_size = drift.relative_size(before)
             if trained and cfg.drift_compensation == "affine" and statistics.labels:
                 compensate_drift(statistics, drift, samples_per_class=cfg.drift_samples, seed=salt)
+                if held_out is not None:
+                    compensate_drift(held_out, drift, samples_per_class=cfg.drift_samples, seed=salt + 1)
                 compensated = True
             if cfg.statistics_views and _familiar(before, task, cfg):
                 views = _view_features(model, task.train, cfg, salt)
@@ -389,13 +425,26 @@ class Learner:
         tasks: Sequence[TaskData],
         progress: ProgressCallback | None = None,
         on_task_end: Callable[[int, TaskReport, AccuracyMatrix], None] | None = None,
+        held_out: Sequence[ImageSource] | None = None,
     ) -> tuple[AccuracyMatrix, list[TaskReport]]:
-        """Learn tasks in order; after each, evaluate every task seen so far (one accuracy-matrix row)."""
+        """Learn tasks in order; after each, evaluate every task seen so far (one accuracy-matrix row).
+
+        ``held_out`` (one per task, with a ridge head): images of each task kept out of its training
+        that join the head once it is learned (``fold_in_held_out``), as the worker's gate images do
+        once its candidate passes the gate."""
         matrix = AccuracyMatrix()
         reports: list[TaskReport] = []
         statistics = new_statistics(model) if model.head.feature_map is not None else None
+        if held_out is not None and (statistics is None or len(held_out) != len(tasks)):
+            raise DataError("held-out images to fold in need a ridge head and one set per task")
+        folded = new_statistics(model) if held_out is not None else None
         for t, task in enumerate(tasks):
-            report = self.learn_task(model, task, progress, statistics)
+            report = self.learn_task(model, task, progress, statistics, folded)
+            if held_out is not None and statistics is not None and folded is not None:
+                if report.relative_lambda is None:
+                    raise DataError("a ridge head's task report carries its λ")
+                batch, workers = self.config.eval_batch_size, self.config.loader_workers
+                fold_in_held_out(model, statistics, folded, held_out[t], report.relative_lambda, batch, workers)
             reports.append(report)
             seen = tasks[: t + 1]
             row = [

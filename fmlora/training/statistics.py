@@ -336,6 +336,11 @@ def _from_upper_triangle(values: torch.Tensor, size: int) -> torch.Tensor:
     return matrix
 
 
+def _projection_key(random_features: RandomFeatures | None) -> tuple[int, int] | None:
+    """What identifies a random projection: it is regenerated from its size and seed."""
+    return None if random_features is None else (random_features.dim, random_features.seed)
+
+
 class ClassStatistics:
     """Running per-class and shared statistics of features and their random projection."""
 
@@ -750,6 +755,24 @@ class ClassStatistics:
         stats.counts, stats.sums, stats.moment, stats.gram, stats.cross = counts, sums, moment, gram, cross
         stats.lambda_evidence = evidence
         return stats
+
+    def merged(self, other: ClassStatistics) -> ClassStatistics:
+        """A copy of these statistics with ``other``'s added (same features and random projection):
+        the statistics of both sets of images, as if they had been added here. Classes only in
+        ``other`` are appended; the λ evidence stays this one's."""
+        same_head = _projection_key(self.random_features) == _projection_key(other.random_features)
+        if other.in_features != self.in_features or other.dim != self.dim or not same_head:
+            raise DataError("statistics of other features or another head cannot be merged")
+        out = self.copy()
+        if not other.labels:
+            return out
+        columns = out._columns(other.labels)
+        out.counts.index_add_(0, columns, other.counts)
+        out.sums.index_add_(0, columns, other.sums)
+        out.moment += other.moment
+        out.gram += other.gram
+        out.cross.index_add_(1, columns, other.cross)
+        return out
 
     def replace_with(self, other: ClassStatistics) -> None:
         """Take ``other``'s contents (a trial copy that succeeded)."""

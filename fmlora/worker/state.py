@@ -2,10 +2,14 @@
 
 - ``ridge``: the ridge head's statistics (counts, feature sums, Gram and cross matrices of the random
   features), which the next task adds to and re-solves the head from (ARCHITECTURE.md §2).
+- ``held_out``: the same statistics of the gate's held-out images of every task whose candidate
+  passed the gate. The served head is solved from ``ridge`` and ``held_out`` together; λ's choice,
+  the next task's training and every later gate see ``ridge`` only, so no gate ever scores a head
+  that was fitted to the images it is scored on (``WorkerConfig.fold_in_held_out``).
 - ``baseline``: per-class counts and sums of the *frozen* backbone's features, for the training-free
   nearest-class-mean baseline the promotion gate compares every candidate with.
 
-Both grow per class only. They are published with the version they belong to, so a rollback
+All grow per class only. They are published with the version they belong to, so a rollback
 restores them; the registry verifies their sha256 before they are used.
 """
 
@@ -28,11 +32,13 @@ __all__ = ["ClassState", "pack_state", "unpack_state"]
 class ClassState:
     ridge: ClassStatistics | None
     baseline: ClassStatistics
+    held_out: ClassStatistics | None = None
 
 
 def _empty(model: FMLoRAModel) -> ClassState:
     ridge = new_statistics(model) if model.head.feature_map is not None else None
-    return ClassState(ridge, ClassStatistics(model.embed_dim, keep_gram=False))
+    held_out = new_statistics(model) if model.head.feature_map is not None else None
+    return ClassState(ridge, ClassStatistics(model.embed_dim, keep_gram=False), held_out)
 
 
 def unpack_state(state: WorkerState | None, model: FMLoRAModel) -> ClassState:
@@ -53,14 +59,22 @@ def unpack_state(state: WorkerState | None, model: FMLoRAModel) -> ClassState:
 
     empty = _empty(model)
     ridge = part("ridge", model.head.feature_map) if empty.ridge is not None else None
+    # State published before held-out images joined the head has none: they start from here.
+    held_out = part("held_out", model.head.feature_map) if empty.held_out is not None else None
     baseline = part("baseline", None)
-    return ClassState(ridge if ridge is not None else empty.ridge, baseline if baseline is not None else empty.baseline)
+    return ClassState(
+        ridge if ridge is not None else empty.ridge,
+        baseline if baseline is not None else empty.baseline,
+        held_out if held_out is not None else empty.held_out,
+    )
 
 
 def pack_state(state: ClassState) -> WorkerState:
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, object] = {}
-    for prefix, stats in (("ridge", state.ridge), ("baseline", state.baseline)):
+    # Empty held-out statistics are not stored (a worker that never folds them in pays nothing).
+    held_out = state.held_out if state.held_out is not None and state.held_out.labels else None
+    for prefix, stats in (("ridge", state.ridge), ("baseline", state.baseline), ("held_out", held_out)):
         if stats is None:
             continue
         part, part_meta = stats.to_tensors()

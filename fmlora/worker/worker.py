@@ -36,7 +36,14 @@ from fmlora.registry.records import WORKER_LEASE, TaskInfo, VersionInfo
 from fmlora.registry.registry import Registry
 from fmlora.registry.worker_state import WorkerState
 from fmlora.training.config import TrainConfig
-from fmlora.training.learner import Learner, TaskReport, TrainingProgress, collect_features, evaluate
+from fmlora.training.learner import (
+    Learner,
+    TaskReport,
+    TrainingProgress,
+    collect_features,
+    evaluate,
+    fold_in_held_out,
+)
 from fmlora.training.metrics import AccuracyMatrix
 from fmlora.training.statistics import ncm_logits
 
@@ -60,6 +67,10 @@ class WorkerConfig:
     # Decoded training images up to this size are held in memory; larger tasks are read from disk.
     max_cached_bytes: int = 2 * 2**30
     keep_versions: int | None = None  # retention: non-live versions kept after each publish (None = all)
+    # Once a candidate passes the gate, its task's held-out images (a fifth of the upload) join the
+    # served head's statistics: the head learns from all the user's images, and the gates stay
+    # honest (fmlora/worker/state.py). False: the served head is the one the gate scored.
+    fold_in_held_out: bool = True
 
 
 class _Abandon(Exception):
@@ -285,7 +296,27 @@ class Worker:
         self._stage("evaluating", task=task.name)
         card = self._evaluate(model, parent, report.model_dump(mode="json"))
         self._check_running()
+        if card["gate"]["passed"] and self.config.fold_in_held_out:
+            card["served_head"] = self._fold_in_held_out(model, data, report.relative_lambda)
+            state = pack_state(self._classes) if self._classes is not None else state
         return self._publish(model, task, parent, card, state)
+
+    def _fold_in_held_out(self, model: FMLoRAModel, data: TaskData, relative_lambda: float | None) -> dict[str, Any]:
+        """The served head from the task's held-out images too (``fold_in_held_out``), at the λ chosen
+        on the training images. The gate has already scored the head without them; what it
+        measured stays on the card."""
+        classes = self._classes
+        if classes is None or classes.ridge is None or classes.held_out is None or relative_lambda is None:
+            return {"held_out_images": 0}
+        cfg = self.config.train
+        fold_in_held_out(
+            model, classes.ridge, classes.held_out, data.test, relative_lambda, cfg.eval_batch_size, cfg.loader_workers
+        )
+        return {
+            "held_out_images": int(classes.held_out.counts.sum()),
+            "training_images": int(classes.ridge.counts.sum()),
+            "relative_lambda": relative_lambda,
+        }
 
     def _train(
         self, model: FMLoRAModel, data: TaskData, state: WorkerState | None, task: TaskInfo
@@ -305,7 +336,7 @@ class Worker:
                 self._stage("progress", **fields)
 
         classes = unpack_state(state, model)
-        report = Learner(self.config.train).learn_task(model, data, progress, classes.ridge)
+        report = Learner(self.config.train).learn_task(model, data, progress, classes.ridge, classes.held_out)
         # The baseline's statistics: the frozen backbone's features of the task's training images.
         frozen = collect_features(model, data.train, self.config.train.eval_batch_size, model.backbone_features)
         classes.baseline.add(frozen, data.train.labels, data.train.classes)

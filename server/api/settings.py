@@ -175,6 +175,7 @@ class EmbeddedWorkerSettings(BaseSettings):
     worker_autocast: Literal["bfloat16", "float16", "none"] = Field("none", description="Training autocast.")
     worker_device: str | None = Field(None, description="torch device for training (default: cuda if available).")
     worker_statistics_views: int = Field(0, ge=0, description="Random resized crops per training image in the head.")
+    worker_fold_in_held_out: bool = Field(True, description="Serve a head solved from the gate's images too.")
     gate_min_new_task_accuracy: float = Field(0.0, ge=0, le=1, description="Promotion gate: new-task accuracy.")
     gate_max_forgetting: float = Field(1.0, ge=0, le=1, description="Promotion gate: largest accuracy drop.")
     keep_versions: int | None = Field(None, ge=0, description="Retention: non-live versions kept (default: all).")

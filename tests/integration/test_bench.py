@@ -3,6 +3,7 @@ import json
 from typer.testing import CliRunner
 
 from fmlora.cli import app
+from fmlora.data import make_synthetic_stream
 
 # The benchmarks' tiny models need no 4,000-feature head: a smaller one keeps each task's λ search
 # (seconds at 4,000) out of the test run. The head's size has tests of its own.
@@ -180,3 +181,26 @@ def test_train_per_class_keeps_that_many_training_images_and_is_recorded(tmp_pat
     assert CliRunner().invoke(app, [*args, "--train-per-class", "3"]).exit_code == 0
     (row,) = json.loads((tmp_path / "b" / "results.json").read_text())
     assert row["train_per_class"] == 3 and row["method"] == "ncm"
+
+
+def test_fold_in_rest_hands_each_task_the_images_left_out_of_training(tmp_path, monkeypatch):
+    import fmlora.bench.runner as runner
+
+    seen = []
+
+    def capture(method, config, tasks, learner, held_out=None):
+        assert held_out is not None and len(held_out) == len(tasks)
+        seen.extend(
+            (t.train.labels.bincount().tolist(), h.labels.bincount().tolist())
+            for t, h in zip(tasks, held_out, strict=True)
+        )
+        raise SystemExit(0)
+
+    monkeypatch.setattr(runner, "_run_sequential", capture)
+    args = ["bench", "--benchmark", "synthetic", "--methods", "fmlora", "--tasks", "2", "--out", str(tmp_path / "b")]
+    assert CliRunner().invoke(app, [*args, "--train-per-class", "3", "--fold-in-rest"]).exit_code == 0
+    full = make_synthetic_stream(num_tasks=2, seed=0)
+    expected = [([3] * len(t.classes), [n - 3 for n in t.train.labels.bincount().tolist()]) for t in full]
+    assert seen == expected and all(min(rest) > 0 for _, rest in seen)
+    result = CliRunner().invoke(app, [*args, "--fold-in-rest"])
+    assert result.exit_code == 2 and "needs --train-per-class" in result.output

@@ -14,12 +14,15 @@ import torch
 
 from fmlora.data import make_synthetic_stream
 from fmlora.data.archive import write_task_archive
+from fmlora.data.images import FileImageSet
 from fmlora.model import BackboneConfig, FMLoRAModel
 from fmlora.model.snapshot import load_snapshot, read_snapshot
+from fmlora.registry.artifacts import read_task_files
 from fmlora.registry.intake import submit_task
 from fmlora.registry.registry import Registry
 from fmlora.registry.store import S3Store
-from fmlora.training import TrainConfig
+from fmlora.training import TrainConfig, evaluate
+from fmlora.worker.state import unpack_state
 from fmlora.worker.worker import GateConfig, Worker, WorkerConfig
 from tests.conftest import tiny_config
 from tests.integration.registry.services import MotoS3, registry_url, s3_bucket  # noqa: F401 - fixtures
@@ -124,6 +127,67 @@ def test_rollback_then_next_task_trains_from_the_live_version(home: Registry, tm
     worker.run_forever(exit_when_idle=True)
     v3 = home.get_version(3)
     assert v3.parent == 1 and v3.tasks == ["task0", "task2"] and home.live_version() == 3
+
+
+def _eval_images(registry: Registry, task_id: str, model: FMLoRAModel) -> FileImageSet:
+    stored = read_task_files(registry, task_id)
+    position = {c: i for i, c in enumerate(stored.classes)}
+    labels = torch.tensor([position[c] for _, c in stored.eval], dtype=torch.long)
+    paths = tuple(path for path, _ in stored.eval)
+    return FileImageSet(
+        paths, labels, tuple(stored.classes), model.preprocessor.input_size, model.preprocessor.crop_pct
+    )
+
+
+def _served_and_solved(registry: Registry, version: int, *, with_held_out: bool) -> tuple[FMLoRAModel, torch.Tensor]:
+    """The version's snapshot as a server loads it, and the head rows solved from its worker state
+    (the training statistics, plus the held-out ones when asked), rounded as the head stores them."""
+    model = FMLoRAModel(registry.model_config)
+    load_snapshot(model, registry.fetch_version(version))
+    classes = unpack_state(registry.read_worker_state(version), model)
+    assert classes.ridge is not None and classes.held_out is not None
+    stats = classes.ridge.merged(classes.held_out) if with_held_out else classes.ridge
+    weight = stats.solve(registry.get_version(version).card["train"]["relative_lambda"])
+    rows = weight.T[[stats.labels.index(label) for label in model.head.labels]]
+    return model, rows.to(model.head.frozen_weight.dtype)
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the head's float16 rounding (relative to the rows' scale)."""
+    return float((a.float() - b.float()).abs().max()) <= 2e-3 * float(b.float().abs().max())
+
+
+def test_held_out_images_join_the_served_head_but_never_a_gate(home: Registry, tmp_path: Path) -> None:
+    ids = submit_stream(home, tmp_path, 2)
+    Worker(home, WorkerConfig(train=FAST)).run_forever(exit_when_idle=True)
+    eval_sizes = []
+    for version in (1, 2):
+        card = home.get_version(version).card
+        eval_sizes.append(card["eval_sizes"][-1])
+        assert card["gate"]["passed"]
+        model, rows = _served_and_solved(home, version, with_held_out=True)
+        # The served rows are the head of the training and the held-out images together ...
+        assert _same_rows(model.head.frozen_weight, rows)
+        classes = unpack_state(home.read_worker_state(version), model)
+        assert classes.held_out is not None and classes.ridge is not None
+        assert card["served_head"]["held_out_images"] == int(classes.held_out.counts.sum()) == sum(eval_sizes)
+        assert card["served_head"]["training_images"] == int(classes.ridge.counts.sum())
+        # ... while the card's accuracy is the gated head's, solved without them: scored honestly.
+        _, gated = _served_and_solved(home, version, with_held_out=False)
+        assert not _same_rows(gated, rows)
+        model.head.set_rows(gated.float())
+        for name, tid in zip(card["tasks"], ids, strict=False):
+            assert evaluate(model, _eval_images(home, tid, model)) == pytest.approx(card["accuracy"][name])
+
+
+def test_with_fold_in_off_the_served_head_is_the_gated_one(home: Registry, tmp_path: Path) -> None:
+    submit_stream(home, tmp_path, 2)
+    Worker(home, WorkerConfig(train=FAST, fold_in_held_out=False)).run_forever(exit_when_idle=True)
+    for version in (1, 2):
+        assert "served_head" not in home.get_version(version).card
+        assert "held_out.counts" not in home.read_worker_state(version).tensors
+        model, rows = _served_and_solved(home, version, with_held_out=False)
+        assert _same_rows(model.head.frozen_weight, rows)
 
 
 def run_worker(registry: Registry, kill_at: str = "", timeout: float = 240) -> subprocess.CompletedProcess:

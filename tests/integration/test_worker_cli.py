@@ -43,3 +43,15 @@ def test_statistics_views_come_from_the_environment_or_the_default(tmp_path, cap
 def test_a_negative_number_of_views_is_refused(tmp_path, captured):
     result = CliRunner().invoke(app, ["worker", "--home", str(tmp_path / "h"), "--statistics-views", "-1"])
     assert result.exit_code == 2 and not captured
+
+
+def test_folding_in_held_out_images_is_on_unless_turned_off(tmp_path, captured):
+    home = str(tmp_path / "home")
+    for args, env in (
+        ([], {"FMLORA_WORKER_FOLD_IN_HELD_OUT": None}),
+        (["--no-fold-in-held-out"], {}),
+        ([], {"FMLORA_WORKER_FOLD_IN_HELD_OUT": "false"}),
+    ):
+        result = CliRunner().invoke(app, ["worker", "--home", home, *args], env=env)
+        assert result.exit_code == 0, result.output
+    assert [c.fold_in_held_out for c in captured] == [True, False, False]

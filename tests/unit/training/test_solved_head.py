@@ -95,6 +95,55 @@ def test_adapted_tasks_report_their_drift_and_move_earlier_classes_statistics():
     assert not plain.drift_compensated and torch.equal(kept, unmoved)
 
 
+def test_held_out_statistics_move_with_the_training_statistics_and_are_never_solved_from():
+    stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=6, test_per_class=3)
+    model = _ridge_model()
+    stats, held_out = new_statistics(model), new_statistics(model)
+    learner = Learner(_cfg(later_lr_scale=1.0))
+    learner.learn_task(model, stream[0], statistics=stats, held_out=held_out)
+    assert held_out.labels == []  # the learner never adds to them: the worker does, after its gate
+    held_out.add(torch.randn(len(stream[0].test), model.embed_dim), stream[0].test.labels, stream[0].test.classes)
+    kept = held_out.means.clone()
+    untouched = held_out.copy()
+
+    def boom(progress):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        learner.learn_task(model, stream[1], progress=boom, statistics=stats, held_out=held_out)
+    assert torch.equal(held_out.means, kept) and torch.equal(held_out.gram, untouched.gram)
+    second = learner.learn_task(model, stream[1], statistics=stats, held_out=held_out)
+    assert second.drift_compensated and held_out.labels == list(stream[0].classes)
+    assert not torch.allclose(held_out.means, kept)  # moved through the same drift map
+    assert held_out.counts.tolist() == untouched.counts.tolist()
+
+
+def test_a_stream_with_held_out_images_serves_the_head_of_every_image():
+    from dataclasses import replace
+
+    from fmlora.data import after_first_per_class, first_per_class
+    from fmlora.training import collect_features
+
+    stream = make_synthetic_stream(num_tasks=2, classes_per_task=3, train_per_class=6, test_per_class=2)
+    trained = [replace(t, train=first_per_class(t.train, 4)) for t in stream]
+    held = [after_first_per_class(t.train, 4) for t in stream]
+    model = _ridge_model()
+    # No adaptation: features never move, so folding in task by task must give exactly the head of
+    # all twelve images per class at the last task's λ.
+    _, reports = Learner(_cfg(adaptation="none")).learn_stream(model, trained, held_out=held)
+    everything = new_statistics(model)
+    for task in stream:
+        features = collect_features(model, task.train, 64, lambda x: model.forward_detailed(x).features)
+        everything.add(features, task.train.labels, task.classes)
+    expected = everything.solve(reports[-1].relative_lambda).T.half().float()
+    assert torch.allclose(model.head.weight, expected, atol=1e-6)
+    plain = _ridge_model()
+    Learner(_cfg(adaptation="none")).learn_stream(plain, trained)
+    assert float((plain.head.weight - model.head.weight).abs().max()) > 0.01 * float(model.head.weight.abs().max())
+    with pytest.raises(DataError, match="one set per task"):
+        Learner(_cfg(adaptation="none")).learn_stream(_ridge_model(), trained, held_out=held[:1])
+
+
 def test_without_training_there_is_no_drift_to_compensate():
     stream = make_synthetic_stream(num_tasks=2, classes_per_task=2, train_per_class=6, test_per_class=2)
     model = _ridge_model()

@@ -27,6 +27,25 @@ def test_statistics_add_up_across_batches_like_one_pass():
     assert torch.allclose(once.means, twice.means) and once.counts.tolist() == [10.0] * 4
 
 
+def test_merged_statistics_are_those_of_both_sets_of_images():
+    x, y = _blobs(4, 10)
+    rf = RandomFeatures(8, 32, seed=1)
+    train, held, together = ClassStatistics(8, rf), ClassStatistics(8, rf), ClassStatistics(8, rf)
+    # The held-out images are listed in another class order and add a class the training lacks.
+    train.add(x[y < 3], y[y < 3], ["a", "b", "c"])
+    held.add(x[y >= 1], 3 - y[y >= 1], ["d", "c", "b", "a"])
+    together.add(x[y < 3], y[y < 3], ["a", "b", "c"])
+    together.add(x[y >= 1], y[y >= 1], ["a", "b", "c", "d"])
+    merged = train.merged(held)
+    assert merged.labels == together.labels == ["a", "b", "c", "d"]
+    for name in ("counts", "sums", "moment", "gram", "cross"):
+        assert torch.allclose(getattr(merged, name), getattr(together, name)), name
+    assert torch.allclose(merged.solve(0.1), together.solve(0.1), atol=1e-6)
+    assert train.labels == ["a", "b", "c"] and train.counts.tolist() == [10.0] * 3  # a copy: unchanged
+    with pytest.raises(DataError, match="cannot be merged"):
+        train.merged(ClassStatistics(8, RandomFeatures(8, 32, seed=2)))
+
+
 def test_ridge_weights_are_the_closed_form_solution():
     x, y = _blobs(3, 12)
     stats = ClassStatistics(8)

@@ -60,3 +60,16 @@ def test_worker_state_keeps_the_second_moment_and_accepts_state_published_before
     legacy = unpack_state(older, model).ridge
     assert legacy is not None and float(legacy.within_class_covariance(shrinkage=0.0).abs().max()) < 1e-6
     assert torch.equal(legacy.gram, classes.ridge.gram)
+
+
+def test_held_out_statistics_travel_in_the_state_only_when_there_are_some():
+    torch.manual_seed(0)
+    model = FMLoRAModel(tiny_config())
+    task = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=5, test_per_class=2)[0]
+    classes = unpack_state(None, model)
+    Learner(TrainConfig(epochs=1, progress_bar=False)).learn_task(model, task, statistics=classes.ridge)
+    assert classes.held_out is not None and not any(k.startswith("held_out.") for k in pack_state(classes).tensors)
+    classes.held_out.add(torch.randn(len(task.test), model.embed_dim), task.test.labels, task.test.classes)
+    back = unpack_state(pack_state(classes), model)
+    assert back.held_out is not None and back.held_out.labels == list(task.classes)
+    assert torch.equal(back.held_out.gram, classes.held_out.gram) and back.held_out.counts.sum() == len(task.test)
