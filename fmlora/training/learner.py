@@ -204,6 +204,7 @@ class Learner:
         progress: ProgressCallback | None = None,
         statistics: ClassStatistics | None = None,
         held_out: ClassStatistics | None = None,
+        frozen_features: torch.Tensor | None = None,
     ) -> TaskReport:
         """Train ``model`` on ``task`` and fold it in; the model is then ready to serve or save.
 
@@ -213,6 +214,9 @@ class Learner:
         ``held_out``: statistics of images kept out of training and of λ's choice (the worker's
         gate images, which join the served head once the gate has passed): never solved from here,
         but moved with ``statistics`` when the task's training moves the features.
+
+        ``frozen_features``: the bare frozen backbone's features of ``task.train`` (``collect_features``
+        with ``model.backbone_features``), when the caller has them already.
         """
         cfg = self.config
         started = time.perf_counter()
@@ -223,7 +227,13 @@ class Learner:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + len(model.tasks))
 
         model.eval()
-        features = collect_features(model, task.train, cfg.eval_batch_size, model.backbone_features, cfg.loader_workers)
+        features = frozen_features
+        if features is None:
+            features = collect_features(
+                model, task.train, cfg.eval_batch_size, model.backbone_features, cfg.loader_workers
+            )
+        elif features.shape[0] != len(task.train):
+            raise DataError(f"expected frozen features of {len(task.train)} images, got {features.shape[0]}")
         complexity = task_complexity(features)
         novelty = task_novelty(features.mean(0), model.task_feature_means.cpu())
         ridge = model.head.feature_map is not None
@@ -264,16 +274,15 @@ class Learner:
 
         objective: Objective
         head = {id(p) for p in model.head.parameters()}
-        before = None
+        before, before_queries = None, None
         pre_task_error, novel = None, None
         if statistics is None:
             objective = LinearObjective(model, task.classes, cfg)
             params = model.trainable_parameters()
         else:
             model.eval()
-            before = collect_features(
-                model, task.train, cfg.eval_batch_size, lambda x: model.forward_detailed(x).features, cfg.loader_workers
-            )
+            # With the prompt queries of the same pass: a task that trains nothing needs no second one.
+            before, before_queries = _features_and_queries(model, task.train, cfg)
             objective = PrototypeObjective(task.classes, task.train.labels, before, statistics, cfg, device)
             if adapt and not first and (cfg.plasticity == "auto" or on_demand):
                 pre_task_error = within_task_error(before, task.train.labels, len(task.classes))
@@ -299,8 +308,11 @@ class Learner:
 
         model.eval()
         # One pass after training gives both the task's prompt key and its features for the head.
-        needs_pass = (statistics is not None and trained) or model.prompt_bank is not None
-        after, queries = _features_and_queries(model, task.train, cfg) if needs_pass else (before, None)
+        if trained or before is None:
+            needs_pass = statistics is not None or model.prompt_bank is not None
+            after, queries = _features_and_queries(model, task.train, cfg) if needs_pass else (before, None)
+        else:  # nothing trained: the model is the one the features before were taken with
+            after, queries = before, before_queries
         task_key = queries.mean(0) if queries is not None else None
         # Solved before the task ends (in eval mode the live factors give the folded outputs), so a
         # failure still rolls the task back; only assigning the rows is left for after.

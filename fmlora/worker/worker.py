@@ -290,7 +290,7 @@ class Worker:
         self._eval_cache[task.name] = data.test
         self._frozen_cache.pop(task.name, None)  # a name may come back with other images
         self._stage("training", task=task.name)
-        report, state = self._train(model, data, state, task)
+        report, classes = self._train(model, data, state, task)
         self._check_running()
         self.registry.update_task(task.id, self.id, status="evaluating")
         self._stage("evaluating", task=task.name)
@@ -298,8 +298,7 @@ class Worker:
         self._check_running()
         if card["gate"]["passed"] and self.config.fold_in_held_out:
             card["served_head"] = self._fold_in_held_out(model, data, report.relative_lambda)
-            state = pack_state(self._classes) if self._classes is not None else state
-        return self._publish(model, task, parent, card, state)
+        return self._publish(model, task, parent, card, pack_state(classes))
 
     def _fold_in_held_out(self, model: FMLoRAModel, data: TaskData, relative_lambda: float | None) -> dict[str, Any]:
         """The served head from the task's held-out images too (``fold_in_held_out``), at the λ chosen
@@ -320,10 +319,10 @@ class Worker:
 
     def _train(
         self, model: FMLoRAModel, data: TaskData, state: WorkerState | None, task: TaskInfo
-    ) -> tuple[TaskReport, WorkerState | None]:
+    ) -> tuple[TaskReport, ClassState]:
         """Learn ``data`` into ``model`` (starting from the parent's worker ``state``); return the
-        training report and the worker state to publish with the new version: the class statistics
-        the ridge head is solved from and the training-free baseline's (``fmlora/worker/state.py``)."""
+        training report and the class statistics to publish with the new version as its worker
+        state: the ridge head's and the training-free baseline's (``fmlora/worker/state.py``)."""
         last_report = [0.0]
 
         def progress(p: TrainingProgress) -> None:
@@ -336,12 +335,15 @@ class Worker:
                 self._stage("progress", **fields)
 
         classes = unpack_state(state, model)
-        report = Learner(self.config.train).learn_task(model, data, progress, classes.ridge, classes.held_out)
-        # The baseline's statistics: the frozen backbone's features of the task's training images.
-        frozen = collect_features(model, data.train, self.config.train.eval_batch_size, model.backbone_features)
+        cfg = self.config.train
+        # The frozen backbone's features of the training images: the learner measures the task with
+        # them, and the baseline's statistics are made of them.
+        model.eval()
+        frozen = collect_features(model, data.train, cfg.eval_batch_size, model.backbone_features, cfg.loader_workers)
+        report = Learner(cfg).learn_task(model, data, progress, classes.ridge, classes.held_out, frozen)
         classes.baseline.add(frozen, data.train.labels, data.train.classes)
         self._classes = classes
-        return report, pack_state(classes)
+        return report, classes
 
     def _evaluate(self, model: FMLoRAModel, parent: VersionInfo | None, report: dict[str, Any]) -> dict[str, Any]:
         names = [t.name for t in model.tasks]
