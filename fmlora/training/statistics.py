@@ -697,14 +697,16 @@ class ClassStatistics:
         hits = [0.0 if left_out is None else float((left_out.argmax(dim=1) == target).sum()) for left_out in scores]
         return hits, len(scored)
 
-    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-        """Tensors and a JSON-able meta dict that restore these statistics exactly (worker state)."""
+    def to_tensors(self, gram_dtype: torch.dtype = torch.float64) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """Tensors and a JSON-able meta dict that restore these statistics (worker state): exactly,
+        unless ``gram_dtype`` rounds G (float32 halves its bytes again, for statistics that are
+        only ever solved at a chosen λ, never searched over small ones)."""
         tensors = {
             "counts": self.counts,
             "sums": self.sums,
             "moment": self.moment,
             # G is symmetric: its upper triangle is half the bytes (64 MB of 128 at 4,000 features).
-            "gram_upper": _upper_triangle(self.gram),
+            "gram_upper": _upper_triangle(self.gram).to(gram_dtype),
             "cross": self.cross,
         }
         if len(self.lambda_evidence):

@@ -74,10 +74,13 @@ def pack_state(state: ClassState) -> WorkerState:
     meta: dict[str, object] = {}
     # Empty held-out statistics are not stored (a worker that never folds them in pays nothing).
     held_out = state.held_out if state.held_out is not None and state.held_out.labels else None
-    for prefix, stats in (("ridge", state.ridge), ("baseline", state.baseline), ("held_out", held_out)):
+    parts = (("ridge", state.ridge, torch.float64), ("baseline", state.baseline, torch.float64))
+    # The held-out statistics are only solved at the λ the training images chose (never scored over
+    # small λ, where float32 changes the hits): their G in float32 saves 32 MB a version.
+    for prefix, stats, gram_dtype in (*parts, ("held_out", held_out, torch.float32)):
         if stats is None:
             continue
-        part, part_meta = stats.to_tensors()
+        part, part_meta = stats.to_tensors(gram_dtype)
         tensors.update({f"{prefix}.{k}": v for k, v in part.items()})
         meta[prefix] = part_meta
     return WorkerState(tensors, meta)

@@ -70,6 +70,12 @@ def test_held_out_statistics_travel_in_the_state_only_when_there_are_some():
     Learner(TrainConfig(epochs=1, progress_bar=False)).learn_task(model, task, statistics=classes.ridge)
     assert classes.held_out is not None and not any(k.startswith("held_out.") for k in pack_state(classes).tensors)
     classes.held_out.add(torch.randn(len(task.test), model.embed_dim), task.test.labels, task.test.classes)
-    back = unpack_state(pack_state(classes), model)
+    state = pack_state(classes)
+    # Their G is kept in float32 (only ever solved at a chosen λ); the training statistics' in float64.
+    assert state.tensors["held_out.gram_upper"].dtype == torch.float32
+    assert state.tensors["ridge.gram_upper"].dtype == torch.float64
+    back = unpack_state(state, model)
     assert back.held_out is not None and back.held_out.labels == list(task.classes)
-    assert torch.equal(back.held_out.gram, classes.held_out.gram) and back.held_out.counts.sum() == len(task.test)
+    assert back.held_out.gram.dtype == torch.float64 and back.held_out.counts.sum() == len(task.test)
+    assert torch.allclose(back.held_out.gram, classes.held_out.gram, rtol=1e-6, atol=0)
+    assert torch.equal(back.held_out.cross, classes.held_out.cross)
