@@ -247,7 +247,7 @@ def register(app: typer.Typer) -> None:
         if url is None:
             if home is None:
                 # A home of its own holds a copy of every uploaded image and each snapshot (about
-                # 0.7 GB after ten tasks): removed afterwards unless asked, or every run leaks it.
+                # 1 GB after ten tasks): removed afterwards unless asked, or every run leaks it.
                 home = made_home = Path(tempfile.mkdtemp(prefix="fmlora-demo-home-"))
             admin_key = admin_key or secrets.token_urlsafe(24)
             port = _free_port()
