@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from fmlora.data import make_synthetic_stream
+from fmlora.data.images import TaskData
 from fmlora.errors import WorkerStateError
 from fmlora.model import FMLoRAModel
 from fmlora.registry.worker_state import WorkerState
 from fmlora.training import Learner, TrainConfig
 from fmlora.worker import GateConfig
-from fmlora.worker.state import pack_state, unpack_state
+from fmlora.worker.state import ClassState, pack_state, unpack_state
 from tests.conftest import tiny_config
 
 
@@ -45,12 +46,18 @@ def test_worker_state_carries_both_statistics_and_refuses_another_head():
         unpack_state(other, model)
 
 
-def test_worker_state_keeps_the_second_moment_and_accepts_state_published_before_it():
+def _one_task_learned() -> tuple[FMLoRAModel, TaskData, ClassState]:
+    """A tiny model that has learned one two-class task, with its fresh worker state."""
     torch.manual_seed(0)
     model = FMLoRAModel(tiny_config())
     task = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=5, test_per_class=2)[0]
     classes = unpack_state(None, model)
     Learner(TrainConfig(epochs=1, progress_bar=False)).learn_task(model, task, statistics=classes.ridge)
+    return model, task, classes
+
+
+def test_worker_state_keeps_the_second_moment_and_accepts_state_published_before_it():
+    model, _, classes = _one_task_learned()
     state = pack_state(classes)
     back = unpack_state(state, model)
     assert back.ridge is not None and classes.ridge is not None
@@ -63,11 +70,7 @@ def test_worker_state_keeps_the_second_moment_and_accepts_state_published_before
 
 
 def test_held_out_statistics_travel_in_the_state_only_when_there_are_some():
-    torch.manual_seed(0)
-    model = FMLoRAModel(tiny_config())
-    task = make_synthetic_stream(num_tasks=1, classes_per_task=2, train_per_class=5, test_per_class=2)[0]
-    classes = unpack_state(None, model)
-    Learner(TrainConfig(epochs=1, progress_bar=False)).learn_task(model, task, statistics=classes.ridge)
+    model, task, classes = _one_task_learned()
     assert classes.held_out is not None and not any(k.startswith("held_out.") for k in pack_state(classes).tensors)
     classes.held_out.add(torch.randn(len(task.test), model.embed_dim), task.test.labels, task.test.classes)
     state = pack_state(classes)
