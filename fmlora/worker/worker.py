@@ -297,15 +297,16 @@ class Worker:
         card = self._evaluate(model, parent, report.model_dump(mode="json"))
         self._check_running()
         if card["gate"]["passed"] and self.config.fold_in_held_out:
-            card["served_head"] = self._fold_in_held_out(model, data, report.relative_lambda)
+            card["served_head"] = self._fold_in_held_out(model, data, classes, report.relative_lambda)
         return self._publish(model, task, parent, card, pack_state(classes))
 
-    def _fold_in_held_out(self, model: FMLoRAModel, data: TaskData, relative_lambda: float | None) -> dict[str, Any]:
+    def _fold_in_held_out(
+        self, model: FMLoRAModel, data: TaskData, classes: ClassState, relative_lambda: float | None
+    ) -> dict[str, Any]:
         """The served head from the task's held-out images too (``fold_in_held_out``), at the λ chosen
         on the training images. The gate has already scored the head without them; what it
         measured stays on the card."""
-        classes = self._classes
-        if classes is None or classes.ridge is None or classes.held_out is None or relative_lambda is None:
+        if classes.ridge is None or classes.held_out is None or relative_lambda is None:
             return {"held_out_images": 0}
         cfg = self.config.train
         fold_in_held_out(
@@ -421,7 +422,7 @@ class Worker:
         task: TaskInfo,
         parent: VersionInfo | None,
         card: dict[str, Any],
-        state: WorkerState | None,
+        state: WorkerState,
     ) -> TaskInfo:
         accepted = bool(card["gate"]["passed"])
         # Renew first: the snapshot must be recorded well within the lease it is written under.
@@ -435,8 +436,8 @@ class Worker:
             accepted=accepted,
             lease_owner=self.id,
             hook=lambda stage, version: self._stage(stage, version=version),
-            worker_state=None if state is None else state.tensors,
-            worker_state_meta=None if state is None else state.meta,
+            worker_state=state.tensors,
+            worker_state_meta=state.meta,
         )
         version = published.version
         self._stage("published", version=version, accepted=accepted)
